@@ -1,0 +1,23 @@
+"""gralora-diffusion: GraLoRA (Granular Low-Rank Adaptation) adapters for Stable Diffusion XL."""
+
+from .errors import AdapterFileError, GraloraConfigError, GraloraError
+from .inject import TEXT_ENCODER_PRESETS, UNET_PRESETS, add_gralora
+from .layer import GraloraLinear
+from .summary import adapter_summary, format_summary
+from .tiny import save_tiny_sdxl, tiny_sdxl_pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "GraloraConfigError",
+    "GraloraError",
+    "GraloraLinear",
+    "TEXT_ENCODER_PRESETS",
+    "UNET_PRESETS",
+    "adapter_summary",
+    "add_gralora",
+    "format_summary",
+    "save_tiny_sdxl",
+    "tiny_sdxl_pipeline",
+]

@@ -1,0 +1,226 @@
+"""Add GraLoRA adapters to a pipeline, a UNet or a text encoder, through PEFT.
+
+We validate everything first (targets exist, are Linear, widths divisible by k, name is free),
+then let PEFT inject `GraloraConfig`, then give the new layers our scale-aware class.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch.nn as nn
+from peft import GraloraConfig, inject_adapter_in_model
+from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+
+from .errors import GraloraConfigError
+from .layer import GraloraLinear
+
+UNET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+}
+TEXT_ENCODER_PRESETS = {
+    "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attn+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    r: int
+    gralora_k: int = 2
+    alpha: float | None = None
+    hybrid_r: int = 0
+    dropout: float = 0.0
+
+    def check(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise GraloraConfigError(f"r={self.r!r}: the rank must be an integer >= 1.")
+        if not isinstance(self.gralora_k, int) or self.gralora_k < 1:
+            raise GraloraConfigError(f"gralora_k={self.gralora_k!r}: k must be an integer >= 1 (2 for r <= 32, 4 for r >= 64).")
+        if self.r % self.gralora_k:
+            raise GraloraConfigError(
+                f"r={self.r} is not divisible by gralora_k={self.gralora_k}: each of the k blocks gets rank r/k. "
+                f"Pick r as a multiple of {self.gralora_k}."
+            )
+        if not isinstance(self.hybrid_r, int) or self.hybrid_r < 0:
+            raise GraloraConfigError(f"hybrid_r={self.hybrid_r!r}: the hybrid LoRA rank must be an integer >= 0.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GraloraConfigError(f"dropout={self.dropout!r}: must be in [0, 1).")
+
+    @property
+    def resolved_alpha(self) -> float:
+        return 2 * self.r if self.alpha is None else self.alpha  # the paper's alpha = 2r
+
+
+def resolve_targets(targets, presets: dict[str, list[str]]) -> list[str] | str:
+    """A preset name, a list of module names, or a regex (any other string) as PEFT takes it."""
+    if isinstance(targets, str) and targets in presets:
+        return list(presets[targets])
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise GraloraConfigError(
+                f"Target {targets!r} is neither a preset ({', '.join(presets)}) nor a valid regex: {err}."
+            ) from None
+        return targets
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
+        return list(targets)
+    raise GraloraConfigError(
+        f"Targets {targets!r} must be a preset ({', '.join(presets)}), a list of module names or a regex."
+    )
+
+
+def _plain_modules(model: nn.Module):
+    """(name, module) pairs, with adapter layers standing for their base layer and their
+    own submodules (base_layer, gralora_A_general, …) left out."""
+    tuner_prefixes = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in tuner_prefixes):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            tuner_prefixes.append(name + ".")
+            module = module.get_base_layer()
+        yield name, module
+
+
+def _nearby_linears(model: nn.Module, limit: int = 16) -> str:
+    """Short names of the Linear modules (last one or two name parts), to suggest targets."""
+    short = set()
+    for name, module in _plain_modules(model):
+        if isinstance(module, nn.Linear):
+            parts = name.split(".")
+            short.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    return ", ".join(sorted(short)[:limit])
+
+
+def _matched_modules(model: nn.Module, config: GraloraConfig, component: str) -> dict[str, nn.Module]:
+    """The modules PEFT would adapt, checked before anything is injected. A module that already
+    carries an adapter counts by its base layer; the adapter's own submodules are skipped."""
+    matched = {name: module for name, module in _plain_modules(model) if check_target_module_exists(config, name)}
+    if not matched:
+        raise GraloraConfigError(
+            f"{component}: target modules {config.target_modules!r} match no module. "
+            f"Linear modules that exist here (by last name): {_nearby_linears(model)}."
+        )
+    not_linear = {n: type(m).__name__ for n, m in matched.items() if not isinstance(m, nn.Linear)}
+    if not_linear:
+        shown = ", ".join(f"{n} ({t})" for n, t in list(not_linear.items())[:5])
+        raise GraloraConfigError(
+            f"{component}: GraLoRA adapts nn.Linear only, but the targets {config.target_modules!r} match "
+            f"{len(not_linear)} other module(s): {shown}. Linear modules that exist here: {_nearby_linears(model)}."
+        )
+    k = config.gralora_k
+    for name, module in matched.items():
+        if module.in_features % k or module.out_features % k:
+            raise GraloraConfigError(
+                f"{component}.{name}: Linear {module.in_features}->{module.out_features} is not divisible by "
+                f"gralora_k={k}. Use a k that divides both widths, or leave this module out of the targets."
+            )
+    return matched
+
+
+def upgrade_gralora_layers(model: nn.Module) -> int:
+    """Give PEFT's GraLoRA layers our subclass (scale control). Same state, so a class swap is
+    enough; PEFT has no hook to make its injector build a subclass. Returns the number upgraded."""
+    count = 0
+    for module in model.modules():
+        if type(module) is PeftGraloraLinear:
+            module.__class__ = GraloraLinear
+            count += 1
+    return count
+
+
+def existing_adapter_names(model: nn.Module) -> set[str]:
+    names = set(getattr(model, "peft_config", {}) or {})
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            names.update(module._get_available_adapters() if hasattr(module, "_get_available_adapters") else ())
+    return names
+
+
+def build_config(settings: AdapterSettings, target_modules) -> GraloraConfig:
+    return GraloraConfig(
+        r=settings.r,
+        gralora_k=settings.gralora_k,
+        alpha=settings.resolved_alpha,
+        hybrid_r=settings.hybrid_r,
+        gralora_dropout=settings.dropout,
+        target_modules=target_modules,
+    )
+
+
+def inject_config(model: nn.Module, config: GraloraConfig, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
+    """Inject an already validated config and make the adapter active, the way diffusers'
+    and transformers' `add_adapter` do (so their `set_adapters`, `fuse_lora`, … see it)."""
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = True
+    with warnings.catch_warnings():
+        # A second adapter beside the first is what we mean to do; PEFT warns about it.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    upgrade_gralora_layers(model)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(adapter_name)
+
+
+def prepare_component(model: nn.Module, component: str, settings: AdapterSettings, targets, presets, adapter_name: str):
+    """Validate and build the config for one model; touches nothing."""
+    if adapter_name in existing_adapter_names(model):
+        raise GraloraConfigError(
+            f"{component}: an adapter named {adapter_name!r} already exists. Pick another adapter_name, "
+            f"or delete it first; the existing adapter was left untouched."
+        )
+    config = build_config(settings, resolve_targets(targets, presets))
+    _matched_modules(model, config, component)
+    return config
+
+
+def add_gralora(
+    pipe_or_model,
+    r: int = 8,
+    gralora_k: int = 2,
+    alpha: float | None = None,
+    hybrid_r: int = 0,
+    dropout: float = 0.0,
+    unet_targets="attn",
+    text_encoder_targets=None,
+    adapter_name: str = "default",
+) -> dict[str, GraloraConfig]:
+    """Add a GraLoRA adapter to a pipeline (UNet and, if `text_encoder_targets`, both text
+    encoders), or to a bare UNet / text encoder. Returns {component: GraloraConfig}.
+
+    Everything is checked before any module changes: a bad argument leaves the model as it was.
+    """
+    settings = AdapterSettings(r=r, gralora_k=gralora_k, alpha=alpha, hybrid_r=hybrid_r, dropout=dropout)
+    settings.check()
+    plan = []
+    if isinstance(pipe_or_model, nn.Module):
+        is_text = hasattr(pipe_or_model, "config") and hasattr(pipe_or_model.config, "vocab_size")
+        targets = (text_encoder_targets or "attn") if is_text else unet_targets
+        presets = TEXT_ENCODER_PRESETS if is_text else UNET_PRESETS
+        name = type(pipe_or_model).__name__
+        plan.append((name, pipe_or_model, prepare_component(pipe_or_model, name, settings, targets, presets, adapter_name)))
+    else:
+        for component in PIPELINE_COMPONENTS:
+            model = getattr(pipe_or_model, component, None)
+            if model is None:
+                continue
+            if component == "unet":
+                targets, presets = unet_targets, UNET_PRESETS
+            elif text_encoder_targets is None:
+                continue
+            else:
+                targets, presets = text_encoder_targets, TEXT_ENCODER_PRESETS
+            plan.append((component, model, prepare_component(model, component, settings, targets, presets, adapter_name)))
+        if not plan:
+            raise GraloraConfigError(f"{type(pipe_or_model).__name__} has no unet or text encoder to adapt.")
+    for _, model, config in plan:
+        inject_config(model, config, adapter_name)
+    return {component: config for component, _, config in plan}
