@@ -1,0 +1,287 @@
+"""The adapter file: one safetensors file, PEFT key names, configs in the header.
+
+Keys: `<component>.<module path>.gralora_A` (and `gralora_B`, `gralora_A_general.weight`,
+`gralora_B_general.weight`), component one of `unet`, `text_encoder`, `text_encoder_2`; no adapter
+name in the key (PEFT's `get_peft_model_state_dict` layout). Header metadata (all strings):
+`format` = "gralora-diffusion", `format_version`, `gralora_configs` = JSON {component: config},
+and optionally `base_model`, `instance_prompt`, `training` (JSON), ...
+
+Reading never unpickles: only safetensors is accepted, and every tensor is checked against its
+component's config (shapes follow from r, k, hybrid_r), so nothing is inferred from shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import AdapterFileError
+
+FORMAT = "gralora-diffusion"
+FORMAT_VERSION = 1
+WEIGHT_NAME = "pytorch_gralora_weights.safetensors"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# Config fields we write and read. Required ones define the tensor shapes.
+REQUIRED_CONFIG_FIELDS = ("r", "alpha", "gralora_k", "hybrid_r", "target_modules")
+OPTIONAL_CONFIG_FIELDS = ("gralora_dropout",)
+TENSOR_SUFFIXES = ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight")
+
+
+@dataclass
+class AdapterFile:
+    """A checked adapter: per-component PEFT state dicts and config dicts, plus header metadata."""
+
+    state_dicts: dict[str, dict[str, torch.Tensor]]
+    configs: dict[str, dict]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "<state dict>"
+
+    @property
+    def base_model(self) -> str | None:
+        return self.metadata.get("base_model")
+
+
+def config_to_dict(config) -> dict:
+    """The fields of a `peft.GraloraConfig` (or a dict) that the file keeps."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    out = {name: get(name) for name in REQUIRED_CONFIG_FIELDS}
+    out["gralora_dropout"] = get("gralora_dropout", 0.0) or 0.0
+    targets = out["target_modules"]
+    out["target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    return out
+
+
+def config_from_dict(data, source: str, component: str) -> dict:
+    """Check one component's config from a header; return it with the fields we know."""
+    where = f"{source}: config of {component!r}"
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{where} is {type(data).__name__}, expected a JSON object.")
+    missing = [f for f in REQUIRED_CONFIG_FIELDS if f not in data]
+    unknown = [f for f in data if f not in REQUIRED_CONFIG_FIELDS + OPTIONAL_CONFIG_FIELDS]
+    if missing or unknown:
+        raise AdapterFileError(
+            f"{where}: missing fields {missing} / unknown fields {unknown}. Expected "
+            f"{list(REQUIRED_CONFIG_FIELDS + OPTIONAL_CONFIG_FIELDS)}; the file was not written by a "
+            f"compatible gralora-diffusion, re-save it with `save_gralora_weights`."
+        )
+    for name in ("r", "gralora_k", "hybrid_r"):
+        value = data[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "hybrid_r" else 1):
+            raise AdapterFileError(f"{where}: {name}={value!r} is not a valid integer.")
+    if data["r"] % data["gralora_k"]:
+        raise AdapterFileError(f"{where}: r={data['r']} is not divisible by gralora_k={data['gralora_k']}.")
+    if not isinstance(data["alpha"], (int, float)) or isinstance(data["alpha"], bool):
+        raise AdapterFileError(f"{where}: alpha={data['alpha']!r} is not a number.")
+    targets = data["target_modules"]
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise AdapterFileError(f"{where}: target_modules={targets!r} must be a string or a list of strings.")
+    dropout = data.get("gralora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterFileError(f"{where}: gralora_dropout={dropout!r} must be in [0, 1).")
+    return {**data, "gralora_dropout": float(dropout)}
+
+
+def split_module_key(key: str) -> tuple[str, str]:
+    """'a.b.to_q.gralora_A_general.weight' -> ('a.b.to_q', 'gralora_A_general.weight')."""
+    for suffix in TENSOR_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise KeyError(key)
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, source: str, component: str) -> None:
+    """Every tensor has the shape the config says, every module is complete, every value finite."""
+    k, r, hybrid_r = config["gralora_k"], config["r"], config["hybrid_r"]
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        try:
+            module, suffix = split_module_key(key)
+        except KeyError:
+            hint = " (a LoRA key: load LoRA files with `load_lora_weights`)" if "lora" in key.lower() else ""
+            raise AdapterFileError(f"{source}: key {component}.{key} is not a GraLoRA tensor{hint}.") from None
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise AdapterFileError(f"{source}: {component}.{key} has dtype {getattr(tensor, 'dtype', type(tensor))}, expected floating point.")
+        modules.setdefault(module, {})[suffix] = tensor
+    if not modules:
+        raise AdapterFileError(f"{source}: component {component!r} has a config but no tensors.")
+    for module, tensors in modules.items():
+        where = f"{source}: {component}.{module}"
+        expected = {"gralora_A", "gralora_B"} | ({"gralora_A_general.weight", "gralora_B_general.weight"} if hybrid_r else set())
+        if set(tensors) != expected:
+            raise AdapterFileError(
+                f"{where} has tensors {sorted(tensors)}, but the header (hybrid_r={hybrid_r}) needs {sorted(expected)}."
+            )
+        A, B = tensors["gralora_A"], tensors["gralora_B"]
+        if A.ndim != 3 or B.ndim != 3 or A.shape[0] != k or B.shape[0] != k or A.shape[2] != r or B.shape[1] != r:
+            raise AdapterFileError(
+                f"{where}: gralora_A {tuple(A.shape)} / gralora_B {tuple(B.shape)} do not fit the header's "
+                f"k={k}, r={r} (expected [k, in/k, r] and [k, r, out/k]). The file is inconsistent or corrupt."
+            )
+        if hybrid_r:
+            in_features, out_features = A.shape[1] * k, B.shape[2] * k
+            hA, hB = tensors["gralora_A_general.weight"], tensors["gralora_B_general.weight"]
+            if tuple(hA.shape) != (hybrid_r, in_features) or tuple(hB.shape) != (out_features, hybrid_r):
+                raise AdapterFileError(
+                    f"{where}: hybrid weights {tuple(hA.shape)} / {tuple(hB.shape)} do not fit hybrid_r={hybrid_r}, "
+                    f"in={in_features}, out={out_features}."
+                )
+        for suffix, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise AdapterFileError(f"{where}.{suffix} contains NaN or Inf values; the adapter is broken.")
+
+
+def _check_is_safetensors(path: Path) -> None:
+    if path.is_dir():
+        raise AdapterFileError(f"{path} is a folder; pass the adapter file inside it, or load the folder with `load_gralora_weights`.")
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file.")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(
+            f"{path}: pickle-based files ({path.suffix}) are refused, because loading them can run code. "
+            "Convert the adapter to .safetensors in a trusted environment first."
+        )
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise AdapterFileError(f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated).")
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise AdapterFileError(f"{path}: this is a pickle/torch.save file, not safetensors; we never unpickle adapter files.")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len == 0 or 8 + header_len > size:
+        raise AdapterFileError(
+            f"{path}: the safetensors header claims {header_len} bytes but the file has {size}: truncated or not safetensors."
+        )
+
+
+def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter file written by `save_adapter_file`. Raises `AdapterFileError`."""
+    path = Path(path)
+    source = str(path)
+    _check_is_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            header = _read_header(metadata, keys, source)
+            tensors = {key: f.get_tensor(key) for key in keys}
+    except SafetensorError as err:
+        raise AdapterFileError(f"{source}: not a readable safetensors file ({err}).") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        if isinstance(err, AdapterFileError):
+            raise
+        raise AdapterFileError(f"{source}: cannot read the file ({type(err).__name__}: {err}).") from None
+    return from_flat_state_dict(tensors, header, metadata, source)
+
+
+def _read_header(metadata: dict, keys: list[str], source: str) -> dict:
+    if metadata.get("format") != FORMAT or "gralora_configs" not in metadata:
+        if any("lora_" in k or "lora." in k for k in keys) and not any("gralora" in k for k in keys):
+            raise AdapterFileError(f"{source} is a LoRA file, not a GraLoRA adapter: load it with diffusers' `load_lora_weights`.")
+        raise AdapterFileError(
+            f"{source}: no gralora-diffusion header (format/gralora_configs). Files from PEFT's `save_pretrained` "
+            "load as a folder (with adapter_config.json); other files cannot be read."
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise AdapterFileError(f"{source}: format_version={metadata.get('format_version')!r} is not an integer.") from None
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{source}: format version {version} is newer than this gralora-diffusion reads ({FORMAT_VERSION}). "
+            "Upgrade gralora-diffusion (pip install -U gralora-diffusion)."
+        )
+    try:
+        configs = json.loads(metadata["gralora_configs"])
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{source}: header field gralora_configs is not JSON ({err}).") from None
+    if not isinstance(configs, dict) or not configs:
+        raise AdapterFileError(f"{source}: header field gralora_configs must be a non-empty JSON object.")
+    return configs
+
+
+def from_flat_state_dict(tensors: dict[str, torch.Tensor], configs: dict, metadata: dict | None = None, source: str = "<state dict>") -> AdapterFile:
+    """Split `component.`-prefixed keys per component and check them against the configs."""
+    unknown = [c for c in configs if c not in COMPONENTS]
+    if unknown:
+        raise AdapterFileError(f"{source}: unknown component(s) {unknown} in the configs; expected some of {list(COMPONENTS)}.")
+    checked = {c: config_from_dict(configs[c], source, c) for c in configs}
+    state_dicts: dict[str, dict[str, torch.Tensor]] = {c: {} for c in checked}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        if component not in checked:
+            raise AdapterFileError(
+                f"{source}: key {key!r} belongs to no configured component ({', '.join(checked)}); "
+                "every key starts with unet., text_encoder. or text_encoder_2."
+            )
+        state_dicts[component][rest] = tensor
+    for component, state_dict in state_dicts.items():
+        check_state_dict(state_dict, checked[component], source, component)
+    return AdapterFile(state_dicts=state_dicts, configs=checked, metadata=dict(metadata or {}), source=source)
+
+
+def to_flat_state_dict(state_dicts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return {
+        f"{component}.{key}": (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
+        for component, sd in state_dicts.items()
+        for key, t in sd.items()
+    }
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(temp_path), then rename over `path`: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter_file(
+    path: str | os.PathLike,
+    state_dicts: dict[str, dict[str, torch.Tensor]],
+    configs: dict,
+    base_model: str | None = None,
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write {component: PEFT state dict} and {component: config} as one adapter file (atomically)."""
+    path = Path(path)
+    config_dicts = {c: config_to_dict(cfg) for c, cfg in configs.items()}
+    adapter = from_flat_state_dict(to_flat_state_dict(state_dicts), config_dicts, source=str(path))  # check before writing
+    header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION), "gralora_configs": json.dumps(adapter.configs)}
+    if base_model:
+        header["base_model"] = str(base_model)
+    flat = to_flat_state_dict(state_dicts, dtype)
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+    return path
+
+
+def collect_adapter(components: dict[str, torch.nn.Module], adapter_name: str = "default"):
+    """({component: PEFT state dict}, {component: config dict}) of one adapter, from models that carry it."""
+    from peft import get_peft_model_state_dict
+
+    state_dicts, configs = {}, {}
+    for component, model in components.items():
+        config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+        if model is None or config is None or getattr(config, "peft_type", None) != "GRALORA":
+            continue
+        state_dicts[component] = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        configs[component] = config_to_dict(config)
+    if not state_dicts:
+        raise AdapterFileError(f"No GraLoRA adapter named {adapter_name!r} in {', '.join(components)}.")
+    return state_dicts, configs
