@@ -13,6 +13,7 @@ component's config (shapes follow from r, k, hybrid_r), so nothing is inferred f
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import struct
 import tempfile
@@ -29,6 +30,7 @@ FORMAT = "gralora-diffusion"
 FORMAT_VERSION = 1
 WEIGHT_NAME = "pytorch_gralora_weights.safetensors"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # Config fields we write and read. Required ones define the tensor shapes.
@@ -153,15 +155,34 @@ def _check_is_safetensors(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-    if len(head) < 8:
-        raise AdapterFileError(f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated).")
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise AdapterFileError(f"{path}: this is a pickle/torch.save file, not safetensors; we never unpickle adapter files.")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len == 0 or 8 + header_len > size:
+        if len(head) < 8:
+            raise AdapterFileError(f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated).")
+        (header_len,) = struct.unpack("<Q", head)
+        fits = 0 < header_len <= min(size - 8, MAX_HEADER_BYTES)
+        header_bytes = f.read(header_len) if fits else b""
+    # A pickle starts with PROTO (0x80, 2..5), a torch.save zip with "PK": say so rather than "corrupt".
+    pickled = head[:2] == b"PK" or (head[0] == 0x80 and 2 <= head[1] <= 5)
+    if not fits:
+        if pickled:
+            raise AdapterFileError(f"{path}: this is a pickle/torch.save file, not safetensors; we never unpickle adapter files.")
         raise AdapterFileError(
             f"{path}: the safetensors header claims {header_len} bytes but the file has {size}: truncated or not safetensors."
         )
+    try:
+        header = json.loads(header_bytes, object_pairs_hook=_refuse_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as err:
+        if pickled:
+            raise AdapterFileError(f"{path}: this is a pickle/torch.save file, not safetensors; we never unpickle adapter files.") from None
+        raise AdapterFileError(f"{path}: the safetensors header is not valid JSON ({err}).") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path}: the safetensors header is a JSON {type(header).__name__}, expected an object.")
+
+
+def _refuse_duplicate_keys(pairs):
+    duplicates = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"duplicate keys {duplicates[:3]}")
+    return dict(pairs)
 
 
 def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
