@@ -1,5 +1,6 @@
 """gralora-diffusion: GraLoRA (Granular Low-Rank Adaptation) adapters for Stable Diffusion XL."""
 
+from . import adapter_file
 from .errors import AdapterFileError, GraloraConfigError, GraloraError
 from .inject import TEXT_ENCODER_PRESETS, UNET_PRESETS, add_gralora
 from .layer import GraloraLinear
