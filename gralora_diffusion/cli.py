@@ -33,8 +33,15 @@ def _available_commands() -> dict:
     return modules
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gralora-diffusion",
         description="Train, use and share GraLoRA adapters for Stable Diffusion XL.",
     )
