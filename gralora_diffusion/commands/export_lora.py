@@ -1,0 +1,29 @@
+from pathlib import Path
+
+HELP = "Export a GraLoRA adapter as a plain LoRA (exact, or SVD-truncated) for diffusers, ComfyUI and A1111."
+
+
+def add_arguments(parser):
+    parser.add_argument("src", type=Path, help="adapter file, or a folder with pytorch_gralora_weights.safetensors")
+    parser.add_argument("dst", type=Path, help="output .safetensors file (or an existing folder)")
+    parser.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers",
+                        help="diffusers keys (load_lora_weights) or kohya keys (ComfyUI, A1111); default diffusers")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="SVD-truncate every module to this rank; omit for the exact export (rank k*r + hybrid_r)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="tensor dtype (default: the adapter's)")
+    parser.add_argument("--max-size", type=float, default=None, metavar="MB", help="refuse if the file would be larger (MB = 10^6 bytes)")
+    parser.add_argument("--layers-per-block", type=int, default=None,
+                        help="the UNet's layers_per_block for kohya names (default: from the base model, else SDXL's 2)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    from ..export import export_lora
+
+    max_size = None if args.max_size is None else int(args.max_size * 1e6)
+    report = export_lora(args.src, args.dst, format=args.format, rank=args.rank, dtype=args.dtype,
+                         max_size=max_size, layers_per_block=args.layers_per_block)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0

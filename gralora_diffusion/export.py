@@ -1,0 +1,394 @@
+"""Export a GraLoRA adapter as a plain LoRA file that stock diffusers, ComfyUI and A1111 load.
+
+Exact (rank=None): every GraLoRA block (out j, in n) is the rank-t product
+`s · (A[n][:, j·t:(j+1)·t] @ B[j][n·t:(n+1)·t, :])ᵀ` (DESIGN.md §1), so stacking the k² block
+factors gives one `down [k·r, in]` (block-sparse rows) and one `up [out, k·r]`; the hybrid branch
+appends its `hybrid_r` rows/columns. The scaling s is folded into `up`, so the file's alpha/rank
+scale is 1: diffusers files say `lora_alpha = r` in `lora_adapter_metadata`, kohya files carry an
+`alpha` tensor equal to the rank. No loader guesses.
+
+Truncated (rank=N): the best rank-N approximation of that ΔW (float32 SVD, taken on the small
+core of the QR factors, so a 10240x1280 module costs a (k·r)² SVD), with the kept energy
+Σ_{i≤N} σ_i² / Σ σ_i² per module and overall; relative Frobenius error = sqrt(1 - energy).
+
+kohya keys use the original SDXL (sgm) UNet layout that kohya's sd-scripts, ComfyUI and A1111
+name: `down_blocks.b.attentions.l` -> `input_blocks_{1 + b(L+1) + l}_1`, `mid_block.attentions.0`
+-> `middle_block_1`, `up_blocks.b.attentions.l` -> `output_blocks_{b(L+1) + l}_1` (L = the UNet's
+layers_per_block, 2 for SDXL), the exact inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter_file import WEIGHT_NAME, AdapterFile, atomic_write, read_adapter_file, split_module_key
+from .errors import GraloraError
+
+FORMATS = ("diffusers", "kohya")
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+SDXL_LAYERS_PER_BLOCK = 2
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class ExportError(GraloraError, ValueError):
+    """An export that cannot be done as asked (format, rank, size, key layout)."""
+
+
+@dataclass
+class ModuleExport:
+    component: str
+    module: str
+    in_features: int
+    out_features: int
+    exact_rank: int  # k·r + hybrid_r
+    rank: int  # rank written
+    energy: float  # kept fraction of Σσ² (1.0 when exact)
+    total_energy: float = field(default=0.0, repr=False)  # Σσ² = ||ΔW||_F², for the overall figure
+
+
+@dataclass
+class ExportReport:
+    path: str
+    format: str
+    dtype: str
+    requested_rank: int | None
+    size_bytes: int
+    modules: list[ModuleExport]
+
+    @property
+    def exact(self) -> bool:
+        return all(m.rank >= m.exact_rank for m in self.modules)
+
+    @property
+    def overall_energy(self) -> float:
+        total = sum(m.total_energy for m in self.modules)
+        return 1.0 if total == 0 else sum(m.energy * m.total_energy for m in self.modules) / total
+
+    def ranks(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for m in self.modules:
+            out.setdefault(m.component, []).append(m.rank)
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "exact": self.exact, "overall_energy": self.overall_energy}
+
+    def __str__(self) -> str:
+        lines = [f"Wrote {self.path} ({self.format} LoRA, {self.dtype}, {format_size(self.size_bytes)})"]
+        for component, ranks in self.ranks().items():
+            shown = ", ".join(f"{r}" for r in sorted(set(ranks)))
+            lines.append(f"  {component}: {len(ranks)} modules, rank {shown}")
+        if self.exact:
+            lines.append("  exact: the LoRA's ΔW equals the GraLoRA ΔW (closed form, no SVD)")
+        else:
+            lines.append(f"  SVD rank {self.requested_rank}: kept energy {self.overall_energy:.6f} overall "
+                         f"(relative error of ΔW {math.sqrt(max(0.0, 1 - self.overall_energy)):.4f})")
+            worst = sorted(self.modules, key=lambda m: m.energy)[:3]
+            for m in worst:
+                lines.append(f"    lowest: {m.component}.{m.module} energy {m.energy:.6f}")
+        return "\n".join(lines)
+
+
+def format_size(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def exact_rank(config: dict) -> int:
+    """Rank of the plain LoRA that equals a GraLoRA module exactly: k·r + hybrid_r."""
+    return config["gralora_k"] * config["r"] + config["hybrid_r"]
+
+
+def scaling(config: dict) -> float:
+    return config["alpha"] / (config["r"] + config["hybrid_r"])
+
+
+def group_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {tensor suffix: tensor}} from a PEFT GraLoRA state dict."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        module, suffix = split_module_key(key)
+        modules.setdefault(module, {})[suffix] = tensor
+    return dict(sorted(modules.items()))
+
+
+def lora_factors(tensors: dict[str, torch.Tensor], config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down [k·r + hybrid_r, in], up [out, k·r + hybrid_r]) in float32 with up @ down == ΔW
+    (PEFT's `get_delta_weight`, scaling included). Closed form: block factors copied, no SVD."""
+    A, B = tensors["gralora_A"].float(), tensors["gralora_B"].float()  # [k, in/k, r], [k, r, out/k]
+    k, in_k, r = A.shape
+    out_k, t = B.shape[2], r // k
+    s = scaling(config)
+    down = A.new_zeros(k * r, k * in_k)
+    up = A.new_zeros(k * out_k, k * r)
+    for j in range(k):  # output block
+        for n in range(k):  # input block
+            m = (j * k + n) * t  # rank slot of block (j, n)
+            down[m : m + t, n * in_k : (n + 1) * in_k] = A[n][:, j * t : (j + 1) * t].T
+            up[j * out_k : (j + 1) * out_k, m : m + t] = B[j][n * t : (n + 1) * t, :].T * s
+    if config["hybrid_r"]:
+        down = torch.cat([down, tensors["gralora_A_general.weight"].float()], dim=0)
+        up = torch.cat([up, tensors["gralora_B_general.weight"].float() * s], dim=1)
+    return down, up
+
+
+def truncate(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-`rank` approximation of up @ down (float32 SVD of the QR core).
+    Returns (down, up, kept energy, total energy ||ΔW||_F²); the singular values are split
+    evenly (√σ on each side) so neither factor overflows in fp16."""
+    Qu, Ru = torch.linalg.qr(up.float())  # up = Qu Ru
+    Qd, Rd = torch.linalg.qr(down.float().T)  # downᵀ = Qd Rd  ->  ΔW = Qu (Ru Rdᵀ) Qdᵀ
+    U, S, Vh = torch.linalg.svd(Ru @ Rd.T, full_matrices=False)
+    rank = min(rank, S.numel())
+    root = S[:rank].sqrt()
+    new_up = (Qu @ U[:, :rank]) * root
+    new_down = root[:, None] * (Vh[:rank] @ Qd.T)
+    energies = S.double() ** 2
+    total = float(energies.sum())
+    kept = 1.0 if total == 0 else float(energies[:rank].sum() / total)
+    return new_down.contiguous(), new_up.contiguous(), kept, total
+
+
+# --- key names -------------------------------------------------------------------------------
+
+_UNET_ATTENTION = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
+
+
+def sgm_unet_module(module: str, layers_per_block: int) -> str:
+    """diffusers UNet module path -> original SDXL (sgm) path, e.g. with layers_per_block=2
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`."""
+    step = layers_per_block + 1
+    if module.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + module[len("mid_block.attentions.0.") :]
+    match = _UNET_ATTENTION.match(module)
+    if match is None:
+        raise ExportError(
+            f"unet.{module}: kohya keys are written for Linear layers inside the UNet's attention blocks "
+            "(to_q/k/v/out, ff, proj_in/out); this module has no SDXL (sgm) name here. Export with format='diffusers'."
+        )
+    kind, block, layer, rest = match[1], int(match[2]), int(match[3]), match[4]
+    if kind == "down_blocks":
+        if layer >= layers_per_block:
+            raise ExportError(f"unet.{module}: down block layer {layer} does not exist with layers_per_block={layers_per_block}.")
+        index, name = 1 + block * step + layer, "input_blocks"
+    else:
+        if layer > layers_per_block:
+            raise ExportError(f"unet.{module}: up block layer {layer} does not exist with layers_per_block={layers_per_block}.")
+        index, name = block * step + layer, "output_blocks"
+    if index >= 10:
+        # diffusers' converter finds the keys of block 1 by substring, so `input_blocks_1` would
+        # also take `input_blocks_10..19`. SDXL stops at 8.
+        raise ExportError(
+            f"unet.{module} would be {name}_{index}: diffusers' kohya converter cannot tell block indices >= 10 "
+            "from 1x (a UNet deeper than SDXL's). Export with format='diffusers'."
+        )
+    return f"{name}.{index}.1.{rest}"
+
+
+def kohya_key(component: str, module: str, layers_per_block: int) -> str:
+    """`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`, ..."""
+    if component == "unet":
+        path = sgm_unet_module(module, layers_per_block)
+    else:
+        path = module if module.startswith("text_model.") else "text_model." + module  # CLIP's full path
+    return KOHYA_PREFIXES[component] + path.replace(".", "_")
+
+
+def diffusers_module(component: str, module: str) -> str:
+    """Text-encoder paths with CLIP's `text_model.` (diffusers strips it for models without it, ComfyUI expects it)."""
+    if component != "unet" and not module.startswith("text_model."):
+        return "text_model." + module
+    return module
+
+
+def resolve_layers_per_block(adapter: AdapterFile, layers_per_block: int | None) -> int:
+    """The UNet's layers_per_block: given, else from the base model's UNet config when it is on this
+    machine (a folder, the embedded tiny model, or the Hub cache), else SDXL's 2."""
+    if layers_per_block is not None:
+        return int(layers_per_block)
+    base = adapter.base_model
+    if base:
+        from .tiny import TINY_MODEL_ID
+
+        if base in (TINY_MODEL_ID, "tiny"):
+            from .tiny import _unet
+
+            return _unet_layers(_unet().config)
+        config_path = Path(base) / "unet" / "config.json"
+        if not config_path.is_file():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(base, "unet/config.json")
+                config_path = Path(cached) if isinstance(cached, str) else None
+            except Exception:  # not a repo id: nothing cached to read
+                config_path = None
+        if config_path is not None and config_path.is_file():
+            return _unet_layers(json.loads(config_path.read_text()))
+    return SDXL_LAYERS_PER_BLOCK
+
+
+def _unet_layers(config) -> int:
+    value = config["layers_per_block"] if isinstance(config, dict) else config.layers_per_block
+    if not isinstance(value, int):
+        raise ExportError(f"The base UNet has per-level layers_per_block={value}; SDXL's kohya layout needs one number.")
+    return value
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """An adapter file, or a folder holding `pytorch_gralora_weights.safetensors`."""
+    src = Path(src)
+    if src.is_dir() and (src / WEIGHT_NAME).is_file():
+        return src / WEIGHT_NAME
+    return src
+
+
+def resolve_dtype(dtype, adapter: AdapterFile) -> torch.dtype:
+    if dtype is None:
+        return next(iter(next(iter(adapter.state_dicts.values())).values())).dtype
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ExportError(f"dtype={dtype!r}: pick one of fp32, fp16, bf16.")
+
+
+def _export_ranks(adapter: AdapterFile, rank: int | None) -> list[tuple[str, str, dict, int, int, int]]:
+    """(component, module, tensors, in, out, rank written) for every module; checks `rank` first."""
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ExportError(f"rank={rank!r}: the LoRA rank must be an integer >= 1 (or None for the exact export).")
+    plan = []
+    for component, state_dict in adapter.state_dicts.items():
+        config = adapter.configs[component]
+        for module, tensors in group_modules(state_dict).items():
+            k = config["gralora_k"]
+            in_f, out_f = tensors["gralora_A"].shape[1] * k, tensors["gralora_B"].shape[2] * k
+            if rank is not None and rank > min(in_f, out_f):
+                raise ExportError(
+                    f"rank={rank} is larger than {component}.{module} allows ({in_f}->{out_f}: at most "
+                    f"{min(in_f, out_f)}). Pick a rank <= {min(in_f, out_f)}, or omit --rank for the exact export "
+                    f"(rank {exact_rank(config)})."
+                )
+            written = exact_rank(config) if rank is None else min(rank, exact_rank(config))
+            plan.append((component, module, tensors, in_f, out_f, written))
+    return plan
+
+
+def estimate_size(adapter: AdapterFile, rank: int | None = None, dtype=None, format: str = "diffusers") -> int:
+    """Bytes of the tensors an export would write (the header adds a few kB)."""
+    itemsize = torch.empty((), dtype=resolve_dtype(dtype, adapter)).element_size()
+    plan = _export_ranks(adapter, rank)
+    alpha_bytes = itemsize if format == "kohya" else 0
+    return sum(r * (i + o) * itemsize + alpha_bytes for _, _, _, i, o, r in plan)
+
+
+def _diffusers_metadata(entries: dict[str, list[tuple[str, int]]]) -> dict:
+    """diffusers' `lora_adapter_metadata`: `<component>.<LoraConfig field>`, alpha = rank (scale 1)."""
+    meta = {}
+    for component, modules in entries.items():
+        ranks = [r for _, r in modules]
+        r = collections.Counter(ranks).most_common(1)[0][0]
+        pattern = {name: rank for name, rank in modules if rank != r}
+        # Text encoders: the path without `text_model.`: PEFT matches a target by suffix, so it
+        # fits CLIP with and without the wrapper (transformers 5 flattens CLIPTextModel).
+        targets = sorted(name.removeprefix("text_model.") for name, _ in modules)
+        meta.update({
+            f"{component}.r": r, f"{component}.lora_alpha": r, f"{component}.target_modules": targets,
+            f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": pattern,
+        })
+    return meta
+
+
+def export_lora(
+    src,
+    dst,
+    format: str = "diffusers",
+    rank: int | None = None,
+    dtype=None,
+    max_size: int | None = None,
+    layers_per_block: int | None = None,
+) -> ExportReport:
+    """Write a GraLoRA adapter as a plain LoRA safetensors file.
+
+    src: adapter file (or folder with `pytorch_gralora_weights.safetensors`). dst: file path, or an
+    existing folder (then `pytorch_lora_weights.safetensors` / `lora_kohya.safetensors` inside).
+    rank=None: exact (rank k·r + hybrid_r); rank=N: SVD-truncated to N. dtype: fp32/fp16/bf16 (default:
+    the adapter's). max_size: bytes; a larger export is refused before anything is written.
+    layers_per_block: the UNet's (kohya names only; default from the base model, else SDXL's 2).
+    """
+    if format not in FORMATS:
+        raise ExportError(f"format={format!r}: pick one of {', '.join(FORMATS)}.")
+    adapter = read_adapter_file(resolve_source(src))
+    out_dtype = resolve_dtype(dtype, adapter)
+    dst = Path(dst)
+    if dst.is_dir():
+        dst = dst / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)
+    if dst.resolve() == Path(adapter.source).resolve():
+        raise ExportError(f"{dst} is the source adapter itself; pick another output path.")
+    plan = _export_ranks(adapter, rank)
+    estimate = estimate_size(adapter, rank, out_dtype, format)
+    if max_size is not None and estimate > max_size:
+        raise ExportError(
+            f"The {format} export of {adapter.source} would be {format_size(estimate)}, more than the "
+            f"{format_size(max_size)} allowed. Use a smaller --rank (SVD) or --dtype fp16, or raise --max-size. "
+            "Nothing was written."
+        )
+    lpb = resolve_layers_per_block(adapter, layers_per_block) if format == "kohya" else None
+
+    tensors: dict[str, torch.Tensor] = {}
+    modules: list[ModuleExport] = []
+    entries: dict[str, list[tuple[str, int]]] = {}
+    for component, module, parts, in_f, out_f, written in plan:
+        config = adapter.configs[component]
+        down, up = lora_factors(parts, config)
+        if rank is None:
+            energy, total = 1.0, float((up @ down).double().square().sum())
+        else:
+            down, up, energy, total = truncate(down, up, written)
+        down, up = down.to(out_dtype).contiguous(), up.to(out_dtype).contiguous()
+        if format == "diffusers":
+            name = diffusers_module(component, module)
+            tensors[f"{component}.{name}.lora_A.weight"] = down
+            tensors[f"{component}.{name}.lora_B.weight"] = up
+            entries.setdefault(component, []).append((name, written))
+        else:
+            name = kohya_key(component, module, lpb)
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(float(written), dtype=out_dtype)  # alpha/rank = 1
+        modules.append(ModuleExport(component, module, in_f, out_f, exact_rank(config), written, energy, total))
+
+    header = {"format": "pt", "gralora_export": json.dumps({
+        "source_format_version": adapter.metadata.get("format_version"), "base_model": adapter.base_model,
+        "rank": rank, "exact": rank is None or all(m.rank >= m.exact_rank for m in modules),
+        "gralora_configs": adapter.configs})}
+    if adapter.base_model:
+        header["base_model"] = adapter.base_model
+    if format == "diffusers":
+        header["lora_adapter_metadata"] = json.dumps(_diffusers_metadata(entries), sort_keys=True)
+    else:  # the kohya/sd-scripts fields A1111 and ComfyUI show
+        header.update({"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
+                       "ss_network_dim": str(max(m.rank for m in modules)), "ss_network_alpha": str(max(m.rank for m in modules))})
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=header)
+        size = os.path.getsize(tmp)
+        if max_size is not None and size > max_size:
+            raise ExportError(f"The export is {format_size(size)}, more than the {format_size(max_size)} allowed; nothing was written.")
+
+    atomic_write(dst, write)
+    return ExportReport(str(dst), format, str(out_dtype).removeprefix("torch."), rank, dst.stat().st_size, modules)
