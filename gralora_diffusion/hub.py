@@ -1,0 +1,204 @@
+"""Share an adapter: a Hub model card (huggingface_hub.ModelCard) and a push (create_repo + upload_folder).
+
+What goes up: the adapter file, README.md (the card), sample images, and optionally the exact LoRA
+export (`pytorch_lora_weights.safetensors`, loadable with stock `load_lora_weights`). Nothing else in
+the folder (checkpoints, logs, optimizer state) is uploaded, and nothing local is ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .adapter_file import WEIGHT_NAME, atomic_write, read_adapter_file
+from .errors import GraloraError
+from .export import DIFFUSERS_WEIGHT_NAME, export_lora, format_size
+from .info import adapter_info
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
+CARD_NAME = "README.md"
+
+
+class HubError(GraloraError, RuntimeError):
+    """A push that the Hub (or the network) refused; the local folder is untouched."""
+
+
+def _sample_images(folder: Path) -> list[str]:
+    """Images in the folder and its `samples/` subfolder, relative paths, sorted (grids last)."""
+    found = [p for d in (folder, folder / "samples") if d.is_dir() for p in sorted(d.iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    rel = [p.relative_to(folder).as_posix() for p in found]
+    return [r for r in rel if "grid" not in Path(r).name] + [r for r in rel if "grid" in Path(r).name]
+
+
+def _table(rows: dict) -> str:
+    lines = ["| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def save_model_card(
+    folder,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    instance_prompt: str | None = None,
+    images: list[str] | None = None,
+    prompts: list[str] | None = None,
+    license: str = "openrail++",
+    training: dict | None = None,
+    grid: str | None = None,
+) -> Path:
+    """Write `folder/README.md`: Hub YAML front matter (base_model, library_name: diffusers, license,
+    tags, instance_prompt, widget) and a body (load with `load_gralora_weights`, export to LoRA,
+    adapter and training settings, sample grid). Unset fields come from the adapter file's header
+    (`base_model`, `instance_prompt`, `training`) and the images found in the folder."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    source = folder / WEIGHT_NAME
+    adapter = read_adapter_file(source)
+    info = adapter_info(source)
+    base_model = base_model or adapter.base_model
+    instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
+    if training is None and adapter.metadata.get("training"):
+        training = json.loads(adapter.metadata["training"])
+    images = _sample_images(folder) if images is None else [Path(i).as_posix() for i in images]
+    if grid is None:
+        grid = next((i for i in images if "grid" in Path(i).name), None)
+    samples = [i for i in images if i != grid]
+    prompts = prompts or [instance_prompt or ""] * len(samples)
+    if len(prompts) != len(samples):
+        raise GraloraError(f"{len(prompts)} prompts for {len(samples)} sample images; give one prompt per image.")
+    name = repo_id or folder.resolve().name
+    where = repo_id or str(folder)
+
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="diffusers",
+        license=license,
+        tags=TAGS,
+        instance_prompt=instance_prompt,
+        widget=[{"text": p, "output": {"url": i}} for p, i in zip(prompts, samples)] or None,
+    )
+    unet = info["components"].get("unet", {})
+    adapter_rows = {
+        f"{c} (r / k / hybrid_r / alpha)": f"{v['r']} / {v['k']} / {v['hybrid_r']} / {v['alpha']:g}" for c, v in info["components"].items()
+    }
+    adapter_rows.update({
+        "targets": json.dumps({c: v["targets"] for c, v in info["components"].items()}),
+        "adapted modules": sum(v["modules"] for v in info["components"].values()),
+        "parameters": f"{info['params']:,}",
+        "file": f"{WEIGHT_NAME} ({format_size(info['file_size'])}, {info['dtype']})",
+        "exact LoRA export": f"rank {', '.join(f'{c} {r}' for c, r in info['lora_export']['rank'].items())}, "
+                             f"about {format_size(info['lora_export']['size_bytes'])}",
+    })
+    prompt = instance_prompt or "a photo"
+    base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    local = "adapter_folder" if repo_id else str(folder)  # export-lora reads a local file or folder
+    trigger = f" Trigger prompt: `{instance_prompt}`." if instance_prompt else ""
+    k = unet.get("k", "k")
+    download = f"hf download {repo_id} --local-dir {local}\n" if repo_id else ""
+    parts = [f"""
+# {name}
+
+A [GraLoRA](https://arxiv.org/abs/2505.20355) adapter for `{base}`, made with gralora-diffusion.{trigger}
+GraLoRA splits each adapted weight into a {k}×{k} grid of blocks, each with its own low-rank adapter:
+the parameters of LoRA rank r, an update of rank up to k·r.
+"""]
+    if grid:
+        parts.append(f"\n![samples]({grid})\n")
+    parts.append(f"""
+## Use with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+import gralora_diffusion as gd
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
+gd.patch_pipeline(pipe)
+pipe.load_gralora_weights("{where}")
+image = pipe("{prompt}", cross_attention_kwargs={{"scale": 1.0}}).images[0]
+```
+
+## Export to plain LoRA (ComfyUI, A1111, stock diffusers)
+
+A GraLoRA update is exactly a LoRA of rank k·r + hybrid_r, so this export loses nothing:
+
+```bash
+{download}gralora-diffusion export-lora {local} lora.safetensors                    # diffusers keys, exact
+gralora-diffusion export-lora {local} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
+gralora-diffusion export-lora {local} lora_r16.safetensors --rank 16          # smaller, SVD-truncated
+```
+
+Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include-lora-export`), stock
+diffusers loads it directly: `pipe.load_lora_weights("{where}")`.
+
+## Adapter
+
+{_table(adapter_rows)}
+""")
+    if training:
+        parts.append(f"\n## Training settings\n\n{_table(training)}\n")
+    body = "".join(parts)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    path = folder / CARD_NAME
+    atomic_write(path, lambda tmp: card.save(tmp))
+    return path
+
+
+def _explain(err: Exception, repo_id: str) -> HubError | None:
+    """huggingface_hub's error plus a sentence on what to do; None for errors that are not about the Hub."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(err, OfflineModeIsEnabled):
+        hint = "Offline mode is on (HF_HUB_OFFLINE=1): unset it on a machine with network access and run the push again."
+    elif isinstance(err, HfHubHTTPError) and getattr(err.response, "status_code", None) in (401, 403):
+        hint = (f"The Hub refused the token for {repo_id!r}: log in with `hf auth login` (a token with write access), "
+                "set HF_TOKEN, or pass --token; check that you may write to that namespace.")
+    elif isinstance(err, HfHubHTTPError):
+        hint = f"The Hub answered with an error for {repo_id!r}; check the repo id and try again."
+    elif isinstance(err, OSError) or type(err).__module__.split(".")[0].startswith("httpx"):
+        hint = "The Hub could not be reached (no network?). Run the push again when online."
+    else:
+        return None
+    return HubError(f"{hint} Nothing was deleted locally. ({type(err).__name__}: {err})")
+
+
+def push_to_hub(
+    folder,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload GraLoRA adapter",
+    include_lora_export: bool = False,
+):
+    """Create `repo_id` (if needed) and upload the adapter, README.md and sample images from `folder`
+    (plus `pytorch_lora_weights.safetensors`, the exact LoRA export, with include_lora_export).
+    Writes a model card first when the folder has none. Returns huggingface_hub's CommitInfo."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    read_adapter_file(folder / WEIGHT_NAME)  # refuse a folder without a valid adapter before any network call
+    if not (folder / CARD_NAME).is_file():
+        save_model_card(folder, repo_id=repo_id)
+    allow = [WEIGHT_NAME, CARD_NAME] + [f"*{s}" for s in IMAGE_SUFFIXES]
+    if include_lora_export:
+        export_lora(folder / WEIGHT_NAME, folder / DIFFUSERS_WEIGHT_NAME)
+        allow.append(DIFFUSERS_WEIGHT_NAME)
+    api = HfApi(token=token)  # made here, so it takes HF_ENDPOINT / HF_TOKEN as they are now
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            allow_patterns=allow,
+            ignore_patterns=["checkpoint-*", "checkpoint-*/*", ".*", "*/.*"],
+        )
+    except Exception as err:  # noqa: BLE001 - classified below, re-raised untouched when not about the Hub
+        explained = _explain(err, repo_id)
+        if explained is None:
+            raise
+        raise explained from err
