@@ -1,0 +1,8 @@
+"""DreamBooth-style training of GraLoRA (or LoRA) adapters for SDXL, split by stage:
+config (settings) -> data (images, captions, buckets, class images) -> loop (Accelerate) ->
+sampling (sample images) and save (adapter, config, checkpoints)."""
+
+from .config import TrainConfig, TrainConfigError, TrainingError
+from .loop import TrainResult, train
+
+__all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "TrainingError", "train"]

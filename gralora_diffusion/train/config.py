@@ -1,0 +1,295 @@
+"""The training configuration: one dataclass, filled from a TOML/YAML file and/or command-line flags.
+
+Flag names follow diffusers' `train_dreambooth_lora_sdxl.py` where the meaning is the same. Order of
+precedence: dataclass defaults < `--config` file < flags given on the command line. `validate()`
+checks everything that can be checked without loading a model, so bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib.util
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import GraloraConfigError, GraloraError
+from ..inject import AdapterSettings
+
+
+class TrainConfigError(GraloraError, ValueError):
+    """A training setting or input that cannot work; raised before any model loads."""
+
+
+class TrainingError(GraloraError, RuntimeError):
+    """Training went wrong while running (a NaN/Inf loss, non-finite weights)."""
+
+
+def _opt(help_text: str, **extra):
+    return field(default=extra.pop("default", None), metadata={"help": help_text, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    pretrained_model_name_or_path: str | None = _opt("base SDXL: Hub id or local folder (e.g. from `gralora-diffusion make-tiny`)")
+    pretrained_vae_model_name_or_path: str | None = _opt("a better VAE (e.g. madebyollin/sdxl-vae-fp16-fix); runs in the weight dtype")
+    revision: str | None = _opt("revision of the base model on the Hub")
+    variant: str | None = _opt("weights variant of the base model, e.g. fp16")
+    # data
+    instance_data_dir: str | None = _opt("folder of subject images; captions from <image>.txt or metadata.jsonl override --instance_prompt")
+    instance_prompt: str | None = _opt('prompt with the identifier, e.g. "a photo of sks teapot"')
+    repeats: int = _opt("how many times the instance images repeat per epoch", default=1)
+    with_prior_preservation: bool = _opt("add the prior-preservation loss on class images", default=False)
+    class_data_dir: str | None = _opt("folder of class images; missing ones are generated with the base model")
+    class_prompt: str | None = _opt('prompt of the class, e.g. "a photo of a teapot"')
+    num_class_images: int = _opt("class images wanted for prior preservation", default=100)
+    prior_loss_weight: float = _opt("weight of the prior-preservation loss", default=1.0)
+    sample_batch_size: int = _opt("batch size when generating class images", default=4)
+    resolution: int = _opt("training resolution in pixels (square side, or pixel budget with buckets)", default=1024)
+    center_crop: bool = _opt("center crop instead of random crop", default=False)
+    random_flip: bool = _opt("flip images horizontally at random", default=False)
+    aspect_buckets: str | None = _opt('aspect-ratio buckets: "auto", or "h,w;h,w;..." (diffusers\' parse_buckets_string)')
+    dataloader_num_workers: int = _opt("data loading worker processes", default=0)
+    # adapter
+    adapter: str = _opt("adapter kind: GraLoRA, or plain LoRA through PEFT as a baseline", default="gralora", choices=("gralora", "lora"))
+    rank: int = _opt("adapter rank r (GraLoRA: k blocks of rank r/k each)", default=4)
+    gralora_k: int = _opt("GraLoRA blocks per side (2 for r <= 32, 4 for r >= 64)", default=2)
+    hybrid_r: int = _opt("rank of GraLoRA's extra plain-LoRA branch", default=0)
+    alpha: float | None = _opt("scaling numerator; default 2 * rank (scaling = alpha / (rank + hybrid_r))")
+    dropout: float = _opt("adapter dropout", default=0.0)
+    unet_targets: str = _opt("UNet targets: preset attn | attn+ff, comma-separated module names, or a regex", default="attn")
+    text_encoder_targets: str = _opt("text-encoder targets with --train_text_encoder: attn | attn+mlp | names | regex", default="attn")
+    train_text_encoder: bool = _opt("also train adapters on both text encoders", default=False)
+    text_encoder_lr: float = _opt("learning rate of the text-encoder adapters", default=5e-6)
+    # optimisation
+    train_batch_size: int = _opt("batch size per device", default=4)
+    gradient_accumulation_steps: int = _opt("micro-batches per update", default=1)
+    max_train_steps: int | None = _opt("number of updates; overrides --num_train_epochs")
+    num_train_epochs: int = _opt("epochs when --max_train_steps is not given", default=1)
+    learning_rate: float = _opt("learning rate of the UNet adapters", default=1e-4)
+    scale_lr: bool = _opt("multiply learning rates by batch size x accumulation x processes", default=False)
+    lr_scheduler: str = _opt("diffusers get_scheduler name: constant, constant_with_warmup, linear, cosine, ...", default="constant")
+    lr_warmup_steps: int = _opt("warm-up updates", default=0)
+    lr_num_cycles: int = _opt("cycles of cosine_with_restarts", default=1)
+    lr_power: float = _opt("power of the polynomial scheduler", default=1.0)
+    optimizer: str = _opt("optimizer", default="adamw", choices=("adamw", "adamw8bit", "prodigy"))
+    adam_beta1: float = _opt("Adam beta1", default=0.9)
+    adam_beta2: float = _opt("Adam beta2", default=0.999)
+    adam_weight_decay: float = _opt("weight decay", default=1e-4)
+    adam_epsilon: float = _opt("Adam epsilon", default=1e-8)
+    max_grad_norm: float = _opt("gradient clipping norm (0 = off)", default=1.0)
+    snr_gamma: float | None = _opt("Min-SNR weighting gamma (5.0 recommended); off by default")
+    noise_offset: float = _opt("noise offset", default=0.0)
+    use_ema: bool = _opt("keep an EMA of the adapter weights and save it", default=False)
+    ema_decay: float = _opt("EMA decay", default=0.9999)
+    # speed and memory
+    mixed_precision: str | None = _opt("no | fp16 | bf16 (default: accelerate config)", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _opt("trade compute for memory", default=False)
+    cache_latents: bool = _opt("encode each training image once and reuse the VAE latents", default=False)
+    cache_text_embeddings: bool = _opt("encode each prompt once when the text encoders are frozen", default=True)
+    allow_tf32: bool = _opt("allow TF32 matmuls on Ampere+ GPUs", default=False)
+    # validation and outputs
+    validation_prompt: str | None = _opt('prompt(s) for sample images; several separated by " | "')
+    num_validation_images: int = _opt("images per validation prompt", default=4)
+    validation_steps: int | None = _opt("sample every N updates (always at the end)")
+    num_inference_steps: int = _opt("denoising steps for sample and class images", default=25)
+    checkpointing_steps: int = _opt("save a resumable checkpoint every N updates", default=500)
+    checkpoints_total_limit: int | None = _opt("keep at most N checkpoints")
+    resume_from_checkpoint: str | None = _opt('a checkpoint folder, or "latest" in --output_dir')
+    output_dir: str = _opt("where everything is written", default="gralora-dreambooth-model")
+    seed: int | None = _opt("seed for a reproducible run")
+    report_to: str = _opt("tensorboard | wandb | none", default="tensorboard")
+    logging_dir: str = _opt("TensorBoard log folder, relative to --output_dir", default="logs")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "settings") -> "TrainConfig":
+        names = cls.field_names()
+        clean = {}
+        for key, value in data.items():
+            key = key.replace("-", "_")
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise TrainConfigError(f"{source}: unknown setting {key!r}.{hint}")
+            clean[key] = value
+        return cls(**clean)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        """File values first (`--config`), then the flags actually given on the command line."""
+        given = {k: v for k, v in vars(args).items() if k in cls.field_names()}
+        data = read_config_file(Path(args.config)) if getattr(args, "config", None) else {}
+        return cls.from_dict({**data, **given}, source=str(getattr(args, "config", None) or "flags"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- derived values -----------------------------------------------------------------------
+    @property
+    def resolved_alpha(self) -> float:
+        return float(2 * self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def validation_prompts(self) -> list[str]:
+        return [p.strip() for p in (self.validation_prompt or "").split("|") if p.strip()]
+
+    def targets(self, value: str):
+        """A preset name or regex stays a string; "a,b,c" becomes a list of module names."""
+        return [t.strip() for t in value.split(",") if t.strip()] if "," in value else value
+
+    # ---- checks -------------------------------------------------------------------------------
+    def validate(self, need_model: bool = True) -> "TrainConfig":
+        self._check_types()
+        if need_model and not self.pretrained_model_name_or_path:
+            raise TrainConfigError("--pretrained_model_name_or_path is required (a Hub id or a local folder, e.g. from `gralora-diffusion make-tiny DIR`).")
+        if not self.instance_data_dir:
+            raise TrainConfigError("--instance_data_dir is required: the folder holding the images of your subject.")
+        for name in ("repeats", "num_class_images", "sample_batch_size", "train_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs", "num_validation_images", "num_inference_steps", "checkpointing_steps", "rank"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 1.")
+        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 1 (or left out).")
+        for name in ("learning_rate", "text_encoder_lr"):
+            if getattr(self, name) <= 0:
+                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be > 0.")
+        for name in ("prior_loss_weight", "noise_offset", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 0.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise TrainConfigError(f"--snr_gamma={self.snr_gamma}: must be > 0 (5.0 is the usual value), or left out.")
+        if self.resolution < 8 or self.resolution % 8:
+            raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
+        if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
+            raise TrainConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+        if self.aspect_buckets:
+            self.bucket_list()
+        self._check_adapter()
+        self._check_packages()
+        if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest":
+            path = self.checkpoint_path(self.resume_from_checkpoint)
+            if not (path / "training_state.json").is_file():
+                raise TrainConfigError(
+                    f"--resume_from_checkpoint {self.resume_from_checkpoint}: {path} is not a complete checkpoint "
+                    "(no training_state.json). Give a checkpoint-N folder, or `latest`."
+                )
+        return self
+
+    def checkpoint_path(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() or path.exists() else Path(self.output_dir) / path
+
+    def bucket_list(self) -> list[tuple[int, int]] | None:
+        from diffusers.training_utils import generate_aspect_ratio_buckets, parse_buckets_string
+
+        if not self.aspect_buckets:
+            return None
+        if self.aspect_buckets == "auto":
+            # 32 px: SDXL's UNet halves the 8x latents twice more.
+            return generate_aspect_ratio_buckets(self.resolution, divisibility=32)
+        try:
+            buckets = parse_buckets_string(self.aspect_buckets)
+        except ValueError as err:
+            raise TrainConfigError(f"--aspect_buckets {self.aspect_buckets!r}: {err} Example: \"1024,1024;832,1216\".") from None
+        bad = [b for b in buckets if b[0] % 8 or b[1] % 8]
+        if bad:
+            raise TrainConfigError(f"--aspect_buckets: {bad} not divisible by 8 (the VAE downsamples by 8).")
+        return buckets
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            allowed = typing.get_args(kind) or (kind,)
+            if value is None and type(None) in allowed:
+                continue
+            base = next(t for t in allowed if t is not type(None))
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+                raise TrainConfigError(f"{f.name}={value!r}: expected {base.__name__}.")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise TrainConfigError(f"--{f.name}={value!r}: choose one of {', '.join(choices)}.")
+
+    def _check_adapter(self) -> None:
+        if self.adapter == "lora" and self.hybrid_r:
+            raise TrainConfigError("--hybrid_r is a GraLoRA option; leave it at 0 with --adapter lora.")
+        try:
+            k = self.gralora_k if self.adapter == "gralora" else 1
+            AdapterSettings(r=self.rank, gralora_k=k, alpha=self.alpha, hybrid_r=self.hybrid_r, dropout=self.dropout).check()
+        except GraloraConfigError as err:
+            raise TrainConfigError(f"adapter settings: {err}") from None
+
+    def _check_packages(self) -> None:
+        needed = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes"), "prodigy": ("prodigyopt", "pip install prodigyopt")}
+        if self.optimizer in needed:
+            module, cmd = needed[self.optimizer]
+            if importlib.util.find_spec(module) is None:
+                raise TrainConfigError(f"--optimizer {self.optimizer} needs the {module} package: `{cmd}`, or use --optimizer adamw.")
+        if self.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(self.report_to) is None:
+            raise TrainConfigError(f"--report_to {self.report_to} needs the {self.report_to} package (`pip install {self.report_to}`), or pass --report_to none.")
+        if self.mixed_precision == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise TrainConfigError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
+
+
+def read_config_file(path: Path) -> dict:
+    """A .toml, .yaml/.yml or .json file holding {flag name: value}."""
+    if not path.is_file():
+        raise TrainConfigError(f"--config {path}: no such file.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(path.read_text())
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+        elif suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise TrainConfigError(f"--config {path}: use a .toml, .yaml/.yml or .json file.")
+    except (ValueError, ImportError) as err:  # tomllib/yaml/json parse errors derive from ValueError (yaml: YAMLError)
+        if isinstance(err, TrainConfigError):
+            raise
+        raise TrainConfigError(f"--config {path}: cannot parse ({err}).") from None
+    except Exception as err:  # yaml.YAMLError is not a ValueError
+        raise TrainConfigError(f"--config {path}: cannot parse ({type(err).__name__}: {err}).") from None
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"--config {path}: the top level must be a table of settings, got {type(data).__name__}.")
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field. Defaults are suppressed, so `from_args` can tell given flags from unset ones."""
+    hints = typing.get_type_hints(TrainConfig)
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="a .toml/.yaml/.json file of settings; flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        kind = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
+        help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+        kwargs = {"default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)

@@ -1,0 +1,246 @@
+"""Training data: find the images and captions, turn each into a tensor plus SDXL's size conditioning.
+
+Scanning (`scan_images`) opens every file once, so unreadable ones are skipped with one warning line
+and a folder with nothing usable fails before any model loads. Pixels are read lazily, per item.
+Augmentation draws from a per-(seed, epoch, index) RNG, so an item is the same whenever it is read:
+that is what makes a resumed run and a cached-latents run see the very same data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import TrainConfigError
+
+logger = logging.getLogger("gralora_diffusion.train")
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    caption: str
+    size: tuple[int, int]  # (height, width) after EXIF rotation
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode: 16-bit and float scaled down, transparency flattened on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()  # decodes fully: truncated files raise here
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+
+
+def _read_captions(folder: Path) -> dict[str, str]:
+    """file name -> caption from metadata.jsonl (diffusers' ImageFolder layout: file_name + text)."""
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+            caption = next(row[k] for k in CAPTION_KEYS if k in row)
+        except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
+            raise TrainConfigError(
+                f"{meta}, line {number}: expected a JSON object with \"file_name\" and one of {', '.join(CAPTION_KEYS)}."
+            ) from None
+        captions[str(name)] = str(caption)
+    return captions
+
+
+def scan_images(folder, prompt: str | None, what: str = "instance") -> list[ImageRecord]:
+    """Every readable image of `folder` with its caption (.txt beside it > metadata.jsonl > `prompt`)."""
+    flag = f"--{what}_data_dir"
+    if folder is None:
+        raise TrainConfigError(f"{flag} is required.")
+    folder = Path(folder)
+    if not folder.exists():
+        raise TrainConfigError(f"{flag} {folder}: no such folder.")
+    if not folder.is_dir():
+        raise TrainConfigError(f"{flag} {folder}: is a file, not a folder of images.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise TrainConfigError(f"{flag} {folder}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it.")
+    captions = _read_captions(folder)
+    records, uncaptioned = [], []
+    for path in files:
+        try:
+            image = load_image(path)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            logger.warning("warning: skipping %s: unreadable image (%s)", path, str(err).split("\n")[0])
+            continue
+        txt = path.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else captions.get(path.name, prompt)
+        if not caption:
+            uncaptioned.append(path.name)
+            continue
+        records.append(ImageRecord(path=path, caption=caption, size=(image.height, image.width)))
+    if uncaptioned:
+        raise TrainConfigError(
+            f"--{what}_prompt is missing and {len(uncaptioned)} image(s) in {folder} have no caption "
+            f"({', '.join(uncaptioned[:3])}{', ...' if len(uncaptioned) > 3 else ''}). Pass --{what}_prompt, "
+            "or add <image>.txt files / a metadata.jsonl."
+        )
+    if not records:
+        raise TrainConfigError(f"{flag} {folder}: none of the {len(files)} image file(s) could be read; see the warnings above.")
+    return records
+
+
+def _item_rng(seed: int, epoch: int, index: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index)."""
+
+    def __init__(self, instances, resolution, center_crop=False, random_flip=False, buckets=None, repeats=1, seed=0, classes=None):
+        self.instances, self.classes = list(instances), list(classes or [])
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.buckets, self.repeats, self.seed = buckets, repeats, seed
+
+    def __len__(self) -> int:
+        return len(self.instances) * self.repeats
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        if not self.buckets:
+            return (self.resolution, self.resolution)
+        from diffusers.training_utils import find_nearest_bucket
+
+        h, w = self.instances[index % len(self.instances)].size
+        return self.buckets[find_nearest_bucket(h, w, self.buckets)]
+
+    def __getitem__(self, item):
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        rng = _item_rng(self.seed, epoch, index)
+        target = self.target_size(index)
+        example = {"instance": self._example(self.instances[index % len(self.instances)], target, rng)}
+        if self.classes:
+            example["class"] = self._example(self.classes[index % len(self.classes)], target, rng)
+        return example
+
+    def _example(self, record: ImageRecord, target: tuple[int, int], rng: random.Random) -> dict:
+        image = load_image(record.path)
+        original = (image.height, image.width)
+        th, tw = target
+        scale = max(th / image.height, tw / image.width)  # cover the target; small images are upscaled
+        size = (max(tw, math.ceil(image.width * scale - 1e-6)), max(th, math.ceil(image.height * scale - 1e-6)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        if self.center_crop:
+            top, left = (image.height - th) // 2, (image.width - tw) // 2
+        else:
+            top, left = rng.randint(0, image.height - th), rng.randint(0, image.width - tw)
+        image = image.crop((left, top, left + tw, top + th))
+        flip = self.random_flip and rng.random() < 0.5
+        if flip:
+            image = ImageOps.mirror(image)
+            left = size[0] - left - tw  # the crop's left edge in the mirrored picture
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+        return {
+            "pixel_values": pixels,
+            "prompt": record.caption,
+            "time_ids": torch.tensor([*original, top, left, th, tw], dtype=torch.float32),
+            "key": (str(record.path), top, left, th, tw, flip),
+        }
+
+
+def collate(examples: list[dict]) -> dict:
+    """Instance examples first, then their class examples: the loss splits the batch in two halves."""
+    parts = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    return {
+        "pixel_values": torch.stack([p["pixel_values"] for p in parts]),
+        "prompts": [p["prompt"] for p in parts],
+        "time_ids": torch.stack([p["time_ids"] for p in parts]),
+        "keys": [p["key"] for p in parts],
+        "with_prior": len(parts) > len(examples),
+    }
+
+
+class EpochBatches:
+    """Deterministic batches for (epoch, rank): same-bucket batches, shuffled by seed and epoch,
+    padded so every rank gets the same count, rank r taking batches r, r + world, ...
+    We shard here rather than through `accelerator.prepare(dataloader)` so a resumed run can start
+    at an exact batch without reading the skipped ones."""
+
+    def __init__(self, dataset: DreamBoothDataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index in range(len(dataset)):
+            groups.setdefault(dataset.target_size(index), []).append(index)
+        self.groups = [groups[k] for k in sorted(groups)]
+
+    def __len__(self) -> int:
+        total = sum(math.ceil(len(g) / self.batch_size) for g in self.groups)
+        return math.ceil(total / self.num_replicas)
+
+    def for_epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
+        rng = random.Random(f"batches/{self.seed}/{epoch}")
+        batches = []
+        for group in self.groups:
+            order = group[:]
+            rng.shuffle(order)
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng.shuffle(batches)
+        per_rank = len(self)
+        batches = (batches * self.num_replicas)[: per_rank * self.num_replicas]  # pad by wrapping around
+        return [[(epoch, i) for i in b] for b in batches[self.rank :: self.num_replicas]]
+
+
+def ensure_class_images(folder, prompt: str, count: int, pipeline, resolution: int, batch_size: int, seed: int, steps: int, log=print) -> int:
+    """Generate class images until `folder` holds `count` readable images. Image i is named
+    class-{i:05d}.png and drawn with seed (seed, i), so a run killed halfway and restarted ends
+    with exactly the images an uninterrupted run writes. Returns how many were generated."""
+    from ..adapter_file import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    missing = count - existing
+    if missing <= 0:
+        return 0
+    todo, i = [], 0
+    while len(todo) < missing:
+        if not (folder / f"class-{i:05d}.png").exists():
+            todo.append(i)
+        i += 1
+    log(f"Generating {missing} class image(s) for prior preservation in {folder} ...")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(seed * 100003 + j) for j in chunk]
+        with torch.random.fork_rng(devices=[]):
+            images = pipeline(
+                [prompt] * len(chunk), num_inference_steps=steps, height=resolution, width=resolution, generator=generators
+            ).images
+        for j, image in zip(chunk, images):
+            atomic_write(folder / f"class-{j:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+    return missing

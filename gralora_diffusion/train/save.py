@@ -1,0 +1,107 @@
+"""What training writes: the final adapter, the resolved config, and resumable checkpoints.
+
+Checkpoints are `accelerator.save_state` folders written under a temporary name and renamed when
+complete (a kill leaves a `.tmp-` folder that nothing reads). `training_state.json` is written last
+and marks a checkpoint as complete. Only adapter weights are saved, never the frozen base model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from ..adapter_file import WEIGHT_NAME, atomic_write, collect_adapter, save_adapter_file
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+CONFIG_NAME = "training_config.yaml"
+STATE_NAME = "training_state.json"
+
+
+def save_final_adapter(cfg, components: dict, output_dir: Path) -> Path:
+    """GraLoRA: our adapter file, base model id and instance prompt in the header.
+    LoRA: diffusers' format through `save_lora_weights`, so stock `load_lora_weights` reads it."""
+    if cfg.adapter == "lora":
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        kwargs = {}
+        for name, model in components.items():
+            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            # the LoraConfig (alpha = 2r by default) goes in the header; without it loaders assume alpha = r
+            kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+        StableDiffusionXLPipeline.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
+        return output_dir / LORA_WEIGHT_NAME
+    state_dicts, configs = collect_adapter(components, adapter_name="default")
+    metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg))}
+    return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=cfg.pretrained_model_name_or_path, metadata=metadata)
+
+
+def training_summary(cfg) -> dict:
+    keys = ("adapter", "rank", "gralora_k", "hybrid_r", "resolution", "learning_rate", "max_train_steps", "train_batch_size", "seed")
+    return {k: getattr(cfg, k) for k in keys} | {"alpha": cfg.resolved_alpha}
+
+
+def save_config(cfg, output_dir: Path) -> Path:
+    """The resolved settings, reusable as `--config training_config.yaml`."""
+    path = output_dir / CONFIG_NAME
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def save_adapter_weights(components: dict, folder: Path) -> None:
+    for name, model in components.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, folder / f"adapter_{name}.safetensors")
+
+
+def load_adapter_weights(components: dict, folder: Path) -> None:
+    for name, model in components.items():
+        result = set_peft_model_state_dict(model, load_file(folder / f"adapter_{name}.safetensors"))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{folder}: adapter_{name}.safetensors has keys this model lacks: {result.unexpected_keys[:3]}")
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders holding training_state.json, oldest first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and (path / STATE_NAME).is_file():
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found)]
+
+
+def write_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: int | None) -> Path:
+    """Every rank calls this. save_state into a temp folder, then one rename."""
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_NAME).write_text(json.dumps(state))
+        if final.exists():  # left by an earlier run that got further: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if limit:
+            for old in complete_checkpoints(output_dir)[:-limit]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_training_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / STATE_NAME).read_text())
+
+
+def all_finite(params) -> bool:
+    return all(torch.isfinite(p).all() for p in params)

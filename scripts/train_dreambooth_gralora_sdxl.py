@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""DreamBooth GraLoRA training for SDXL, for `accelerate launch`:
+
+    accelerate launch scripts/train_dreambooth_gralora_sdxl.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --instance_data_dir photos --instance_prompt "a photo of sks teapot" --output_dir out
+
+Same flags as `gralora-diffusion train` (`--help` lists them); the work is in gralora_diffusion.train.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet optional-backend notices at import
+
+from gralora_diffusion.errors import GraloraError
+from gralora_diffusion.train import TrainConfig, train
+from gralora_diffusion.train.config import add_arguments
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        train(TrainConfig.from_args(args))
+    except GraloraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
