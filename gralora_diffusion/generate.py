@@ -1,0 +1,194 @@
+"""Generate samples with GraLoRA adapters: prompts x seeds x adapter scales, each image saved and one
+labelled grid (rows: prompt/seed, columns: scale).
+
+The scale sweep multiplies every loaded adapter's weight: unfused it goes through diffusers' own
+`cross_attention_kwargs={"scale": s}` (UNet and, via `lora_scale`, both text encoders); with `fuse`
+the adapters are fused at scale s for the column and unfused after it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import GraloraConfigError
+
+TINY = "tiny"
+LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
+HEADER_HEIGHT = 24  # column labels (scale) above it
+
+
+@dataclass
+class GenerateResult:
+    output_dir: Path
+    grid: Path
+    images: list[Path] = field(default_factory=list)  # row-major: (prompt, seed) rows, scale columns
+    rows: list[tuple[str, int]] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    adapters: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
+
+
+def parse_adapter(text: str) -> tuple[str, float]:
+    """'path/to/adapter:0.8' -> ('path/to/adapter', 0.8); no number after the last ':' -> weight 1."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise GraloraConfigError(f"--scales {text!r}: give numbers separated by commas, e.g. 0,0.5,1.0.") from None
+    if not scales:
+        raise GraloraConfigError("--scales is empty; give at least one scale, e.g. 1.0.")
+    return scales
+
+
+def read_prompts(path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise GraloraConfigError(f"{path}: no prompts (one per line; # starts a comment).")
+    return prompts
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        from .export import DTYPES
+
+        if dtype.lower() not in DTYPES:
+            raise GraloraConfigError(f"dtype={dtype!r}: pick one of fp32, fp16, bf16.")
+        dtype = DTYPES[dtype.lower()]
+    return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+
+
+def load_base_pipeline(base_model: str, device=None, dtype=None):
+    """`tiny` (the embedded random-weights SDXL), a Hub id or a local folder; with the GraLoRA methods."""
+    from .loader import patch_pipeline
+
+    device, dtype = default_device_dtype(device, dtype)
+    if base_model == TINY:
+        from .tiny import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=0)
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=dtype)
+    pipe.to(device)
+    if pipe.dtype != dtype:  # only the tiny model gets here (from_pretrained loaded the dtype)
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return patch_pipeline(pipe)
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    return lines + [line] if line else lines
+
+
+def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
+    """Rows x columns of equal-size images, a label column on the left and a header row on top."""
+    w, h = images[0][0].size
+    grid = Image.new("RGB", (LABEL_WIDTH + w * len(column_labels), HEADER_HEIGHT + h * len(row_labels)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for c, label in enumerate(column_labels):
+        draw.text((LABEL_WIDTH + c * w + 4, 6), label, fill="black", font=font)
+    for r, (row, label) in enumerate(zip(images, row_labels)):
+        lines = _wrap(draw, label, font, LABEL_WIDTH - 8)[: max(1, (h - 4) // 12)]
+        for i, line in enumerate(lines):
+            draw.text((4, HEADER_HEIGHT + r * h + 4 + 12 * i), line, fill="black", font=font)
+        for c, image in enumerate(row):
+            grid.paste(image, (LABEL_WIDTH + c * w, HEADER_HEIGHT + r * h))
+    return grid
+
+
+def generate_samples(
+    base_model: str = TINY,
+    adapters: list[tuple[str, float]] = (),
+    prompts: list[str] = ("a photo of sks teapot",),
+    output_dir="samples",
+    negative_prompt: str | None = None,
+    seeds: list[int] = (0,),
+    steps: int = 30,
+    guidance: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+    scales: list[float] = (1.0,),
+    fuse: bool = False,
+    device=None,
+    dtype=None,
+    pipe=None,
+) -> GenerateResult:
+    """Load the base model and adapters (`(path or repo id, weight)`), generate every prompt x seed x
+    scale, save each image and `grid.png` into `output_dir`. `pipe`: an already loaded pipeline
+    (with `patch_pipeline`) instead of `base_model`."""
+    if not prompts:
+        raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
+    if steps < 1:
+        raise GraloraConfigError(f"steps={steps}: at least 1.")
+    if pipe is None:
+        pipe = load_base_pipeline(base_model, device, dtype)
+    names = [pipe.load_gralora_weights(path, adapter_name=f"adapter_{i}") for i, (path, _) in enumerate(adapters)]
+    weights = [float(w) for _, w in adapters]
+    if base_model == TINY and height is None and width is None:
+        height = width = 64
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = [(p, s) for p in prompts for s in seeds]
+    result = GenerateResult(output_dir, output_dir / "grid.png", rows=rows, scales=list(scales), adapters=dict(zip(names, weights)))
+    images = [[None] * len(scales) for _ in rows]
+    for c, scale in enumerate(scales):
+        kwargs = {}
+        if names:
+            pipe.set_gralora_adapters(names, weights)  # again per column: diffusers resets weights after scale 0
+            if fuse:
+                pipe.fuse_gralora(gralora_scale=scale, adapter_names=names)
+            else:
+                kwargs["cross_attention_kwargs"] = {"scale": scale}
+        try:
+            for r, (prompt, seed) in enumerate(rows):
+                image = pipe(
+                    prompt,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=height,
+                    width=width,
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                    **kwargs,
+                ).images[0]
+                images[r][c] = image
+        finally:
+            if names and fuse:
+                pipe.unfuse_gralora()
+    for r, (prompt, seed) in enumerate(rows):
+        for c, scale in enumerate(scales):
+            path = output_dir / f"{prompts.index(prompt):02d}_{_slug(prompt)}_seed{seed}_scale{scale:g}.png"
+            images[r][c].save(path)
+            result.images.append(path)
+    labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
+    labelled_grid(images, labels, [f"scale {s:g}" for s in scales]).save(result.grid)
+    return result
