@@ -4,6 +4,8 @@ from . import adapter_file
 from .errors import AdapterFileError, GraloraConfigError, GraloraError
 from .inject import TEXT_ENCODER_PRESETS, UNET_PRESETS, add_gralora
 from .layer import GraloraLinear
+from .adapter_file import WEIGHT_NAME, AdapterFile, read_adapter_file, save_adapter_file
+from .loader import GraloraLoaderMixin, GraloraStableDiffusionXLPipeline, patch_pipeline
 from .summary import adapter_summary, format_summary
 from .tiny import save_tiny_sdxl, tiny_sdxl_pipeline
 
@@ -14,6 +16,13 @@ __all__ = [
     "GraloraConfigError",
     "GraloraError",
     "GraloraLinear",
+    "AdapterFile",
+    "GraloraLoaderMixin",
+    "GraloraStableDiffusionXLPipeline",
+    "WEIGHT_NAME",
+    "patch_pipeline",
+    "read_adapter_file",
+    "save_adapter_file",
     "TEXT_ENCODER_PRESETS",
     "UNET_PRESETS",
     "adapter_summary",

@@ -32,6 +32,11 @@ WEIGHT_NAME = "pytorch_gralora_weights.safetensors"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG_NAME = "adapter_config.json"  # PEFT's save_pretrained layout
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT GraloraConfig settings the file format cannot carry, with the value that is fine.
+PEFT_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
 
 # Config fields we write and read. Required ones define the tensor shapes.
 REQUIRED_CONFIG_FIELDS = ("r", "alpha", "gralora_k", "hybrid_r", "target_modules")
@@ -91,6 +96,13 @@ def config_from_dict(data, source: str, component: str) -> dict:
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterFileError(f"{where}: gralora_dropout={dropout!r} must be in [0, 1).")
     return {**data, "gralora_dropout": float(dropout)}
+
+
+def normalize_module_key(key: str) -> str:
+    """A PEFT key as we store it: without PeftModel's `base_model.model.` prefix and without the
+    `base_layer` hops that appear when another adapter (a diffusers LoRA) wraps the GraLoRA layer."""
+    key = key.removeprefix(PEFT_PREFIX)
+    return ".".join(part for part in key.split(".") if part != "base_layer")
 
 
 def split_module_key(key: str) -> tuple[str, str]:
@@ -185,16 +197,17 @@ def _refuse_duplicate_keys(pairs):
     return dict(pairs)
 
 
-def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
-    """Read and check an adapter file written by `save_adapter_file`. Raises `AdapterFileError`."""
-    path = Path(path)
+def _load_safetensors(path: Path, check_header=None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header metadata, tensors) of a safetensors file; `check_header(metadata, keys)` runs before
+    any tensor is read. Every failure becomes an `AdapterFileError` naming the file."""
     source = str(path)
     _check_is_safetensors(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(source, framework="pt") as f:
             metadata = f.metadata() or {}
             keys = list(f.keys())
-            header = _read_header(metadata, keys, source)
+            if check_header is not None:
+                check_header(metadata, keys)
             tensors = {key: f.get_tensor(key) for key in keys}
     except SafetensorError as err:
         raise AdapterFileError(f"{source}: not a readable safetensors file ({err}).") from None
@@ -202,7 +215,15 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         if isinstance(err, AdapterFileError):
             raise
         raise AdapterFileError(f"{source}: cannot read the file ({type(err).__name__}: {err}).") from None
-    return from_flat_state_dict(tensors, header, metadata, source)
+    return metadata, tensors
+
+
+def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter file written by `save_adapter_file`. Raises `AdapterFileError`."""
+    path = Path(path)
+    headers = []
+    metadata, tensors = _load_safetensors(path, lambda meta, keys: headers.append(_read_header(meta, keys, str(path))))
+    return from_flat_state_dict(tensors, headers[0], metadata, str(path))
 
 
 def _read_header(metadata: dict, keys: list[str], source: str) -> dict:
@@ -245,7 +266,10 @@ def from_flat_state_dict(tensors: dict[str, torch.Tensor], configs: dict, metada
                 f"{source}: key {key!r} belongs to no configured component ({', '.join(checked)}); "
                 "every key starts with unet., text_encoder. or text_encoder_2."
             )
-        state_dicts[component][rest] = tensor
+        module_key = normalize_module_key(rest)
+        if module_key in state_dicts[component]:
+            raise AdapterFileError(f"{source}: key {key!r} repeats {component}.{module_key} (with or without a PEFT prefix).")
+        state_dicts[component][module_key] = tensor
     for component, state_dict in state_dicts.items():
         check_state_dict(state_dict, checked[component], source, component)
     return AdapterFile(state_dicts=state_dicts, configs=checked, metadata=dict(metadata or {}), source=source)
@@ -301,8 +325,67 @@ def collect_adapter(components: dict[str, torch.nn.Module], adapter_name: str = 
         config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
         if model is None or config is None or getattr(config, "peft_type", None) != "GRALORA":
             continue
-        state_dicts[component] = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        state_dicts[component] = {normalize_module_key(key): tensor for key, tensor in state_dict.items()}
         configs[component] = config_to_dict(config)
     if not state_dicts:
         raise AdapterFileError(f"No GraLoRA adapter named {adapter_name!r} in {', '.join(components)}.")
     return state_dicts, configs
+
+
+def find_peft_folders(folder: str | os.PathLike) -> dict[str, Path]:
+    """{component: folder} of a PEFT `save_pretrained` layout: `unet/`, `text_encoder/`,
+    `text_encoder_2/` subfolders, or adapter_config.json at the top for the UNet alone."""
+    folder = Path(folder)
+    found = {c: folder / c for c in COMPONENTS if (folder / c / PEFT_CONFIG_NAME).is_file()}
+    if (folder / PEFT_CONFIG_NAME).is_file():
+        if found:
+            raise AdapterFileError(
+                f"{folder}: both a top-level {PEFT_CONFIG_NAME} and component subfolders ({', '.join(found)}); "
+                "keep one layout (the top-level one means the UNet alone)."
+            )
+        found = {"unet": folder}
+    return found
+
+
+def _read_peft_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{path}: not a readable JSON file ({err}).") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, found {type(data).__name__}.")
+    peft_type = data.get("peft_type")
+    if peft_type != "GRALORA":
+        hint = " Load LoRA folders with diffusers' `load_lora_weights`." if peft_type == "LORA" else ""
+        raise AdapterFileError(f"{path}: peft_type is {peft_type!r}, not 'GRALORA'.{hint}")
+    unsupported = {k: data[k] for k, fine in PEFT_UNSUPPORTED.items() if data.get(k, fine) not in (fine, [], {})}
+    if unsupported:
+        raise AdapterFileError(
+            f"{path}: settings {unsupported} are not supported here (the adapter must be GraLoRA weights on "
+            "Linear modules only); retrain without them."
+        )
+    return data
+
+
+def read_peft_folder(folder: str | os.PathLike) -> AdapterFile:
+    """Read a GraLoRA adapter saved with PEFT's `save_pretrained` (one folder per component, or the
+    UNet alone): adapter_config.json + adapter_model.safetensors, keys with or without `base_model.model.`."""
+    folder = Path(folder)
+    parts = find_peft_folders(folder)
+    if not parts:
+        raise AdapterFileError(f"{folder}: no {PEFT_CONFIG_NAME} here or in unet/, text_encoder/, text_encoder_2/.")
+    tensors, configs, metadata = {}, {}, {}
+    for component, sub in parts.items():
+        data = _read_peft_config(sub / PEFT_CONFIG_NAME)
+        weights = sub / PEFT_WEIGHTS_NAME
+        if not weights.is_file():
+            pickled = [p.name for p in sub.glob("adapter_model.*") if p.suffix in PICKLE_SUFFIXES]
+            why = f"only {pickled}: pickle files are refused, we never unpickle adapters" if pickled else "missing"
+            raise AdapterFileError(f"{weights}: {why}. Save the adapter with safetensors (PEFT's default).")
+        _, component_tensors = _load_safetensors(weights)
+        tensors.update({f"{component}.{key}": t for key, t in component_tensors.items()})
+        configs[component] = config_to_dict(data)
+        if data.get("base_model_name_or_path"):
+            metadata.setdefault("base_model", str(data["base_model_name_or_path"]))
+    return from_flat_state_dict(tensors, configs, metadata, str(folder))
