@@ -113,8 +113,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(Killed):
         run(tmp_path, "parts", on_step=kill_at_5, **settings)
+    (tmp_path / "parts" / ".tmp-checkpoint-6").mkdir()  # as if killed while saving checkpoint-6
+    (tmp_path / "parts" / "checkpoint-9").mkdir()  # incomplete: no training_state.json, never resumed from
     resumed = run(tmp_path, "parts", resume_from_checkpoint="latest", **settings)
     assert resumed.global_step == 7 and resumed.losses == pytest.approx(whole.losses[4:], rel=1e-6)
+    assert not (tmp_path / "parts" / ".tmp-checkpoint-6").exists()
     a, b = unet_adapter(whole), unet_adapter(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -182,3 +185,24 @@ def test_every_option_runs(tmp_path):
     assert set(adapter.configs) == {"unet", "text_encoder", "text_encoder_2"} and adapter.configs["unet"]["hybrid_r"] == 2
     assert (result.output_dir / "samples" / "step-1-grid.png").is_file()
     assert any((result.output_dir / "logs").rglob("events.out.tfevents*"))
+
+
+def test_model_card_is_written_and_push_to_hub_is_called(tmp_path, monkeypatch):
+    import gralora_diffusion.hub as hub
+
+    pushed = []
+    monkeypatch.setattr(hub, "push_to_hub", lambda folder, repo_id, **kw: pushed.append((Path(folder), repo_id)))
+    result = run(tmp_path, max_train_steps=1, push_to_hub=True, hub_model_id="me/teapot",
+                 validation_prompt=PROMPT, num_validation_images=2, num_inference_steps=2)
+    card = (result.output_dir / "README.md").read_text()
+    assert "me/teapot" in card and "samples/final-grid.png" in card and PROMPT in card
+    assert pushed == [(result.output_dir, "me/teapot")]
+
+
+def test_bf16_keeps_adapter_and_vae_in_fp32(tmp_path):
+    result = run(tmp_path, max_train_steps=2, train_batch_size=2, mixed_precision="bf16", train_text_encoder=True,
+                 validation_prompt=PROMPT, num_validation_images=1, num_inference_steps=2)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    trainable = [p for m in result.components.values() for p in m.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # cast_training_params
+    assert result.pipeline.unet.dtype == torch.bfloat16 and result.pipeline.vae.dtype == torch.float32

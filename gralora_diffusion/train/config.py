@@ -102,6 +102,8 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _opt('a checkpoint folder, or "latest" in --output_dir')
     output_dir: str = _opt("where everything is written", default="gralora-dreambooth-model")
     seed: int | None = _opt("seed for a reproducible run")
+    push_to_hub: bool = _opt("upload the adapter, model card and samples to the Hub when done (GraLoRA only)", default=False)
+    hub_model_id: str | None = _opt("Hub repository for --push_to_hub (default: the --output_dir folder name)")
     report_to: str = _opt("tensorboard | wandb | none", default="tensorboard")
     logging_dir: str = _opt("TensorBoard log folder, relative to --output_dir", default="logs")
 
@@ -172,6 +174,8 @@ class TrainConfig:
             raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise TrainConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+        if self.push_to_hub and self.adapter != "gralora":
+            raise TrainConfigError("--push_to_hub uploads GraLoRA adapters; the --adapter lora baseline stays local.")
         if self.aspect_buckets:
             self.bucket_list()
         self._check_adapter()

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from .save import (
     save_adapter_weights,
     save_config,
     save_final_adapter,
+    training_summary,
     write_checkpoint,
 )
 
@@ -178,6 +180,22 @@ def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None]
         AcceleratorState._reset_state()  # so a later train() in this process may pick other settings
 
 
+def share(cfg: TrainConfig, out: Path, grid: Path | None, images: list[Path], say) -> None:
+    """The model card (README.md) beside the adapter, then the push with --push_to_hub."""
+    from ..hub import push_to_hub, save_model_card
+
+    prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
+    rel = [str(p.relative_to(out)) for p in images]
+    card = save_model_card(out, repo_id=cfg.hub_model_id, images=rel + ([str(grid.relative_to(out))] if grid else []),
+                           prompts=prompts or None, training=training_summary(cfg),
+                           grid=str(grid.relative_to(out)) if grid else None)
+    say(f"Wrote the model card {card}")
+    if cfg.push_to_hub:
+        repo_id = cfg.hub_model_id or out.resolve().name
+        push_to_hub(out, repo_id)
+        say(f"Pushed {out} to the Hub as {repo_id}")
+
+
 def _place(model, device, dtype) -> None:
     """Move, and cast only when needed (diffusers warns on every dtype cast of a loaded model)."""
     model.to(device) if model.dtype == dtype else model.to(device, dtype=dtype)
@@ -195,6 +213,8 @@ def _train(cfg, accelerator, instances, resume_from, pipe, on_step) -> TrainResu
     out, device = Path(cfg.output_dir), accelerator.device
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -334,18 +354,18 @@ def _train(cfg, accelerator, instances, resume_from, pipe, on_step) -> TrainResu
         target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         return diffusion_loss(pred, target, timesteps, noise_scheduler, cfg.snr_gamma, batch["with_prior"], cfg.prior_loss_weight)
 
-    def sample(tag: str) -> Path | None:
+    def sample(tag: str) -> tuple[Path | None, list[Path]]:
         if not (main and cfg.validation_prompts):
-            return None
+            return None, []
         for model in components.values():
             model.eval()
         with accelerator.autocast():
             rows = generate_samples(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.resolution, cfg.num_inference_steps, cfg.seed)
         for model in components.values():
             model.train()
-        grid = save_samples(rows, out / "samples", tag)
+        grid, images = save_samples(rows, out / "samples", tag)
         say(f"step {global_step}: wrote samples {grid}")
-        return grid
+        return grid, images
 
     # ---- the loop --------------------------------------------------------------------------------
     losses: list[float] = []
@@ -378,20 +398,21 @@ def _train(cfg, accelerator, instances, resume_from, pipe, on_step) -> TrainResu
             group_losses.append(loss.detach())
             if not is_update:
                 continue
+            # every process sees every process's loss, so all stop together, before the update
+            step_loss = accelerator.gather(torch.stack(group_losses).mean().reshape(1)).float().mean().item()
+            group_losses = []
+            if not math.isfinite(step_loss):
+                hint = f"The last good checkpoint is {last_checkpoint}: resume with --resume_from_checkpoint {last_checkpoint}" if last_checkpoint else "No checkpoint was written before it"
+                raise TrainingError(
+                    f"the loss is {step_loss} at step {global_step + 1}. {hint}, with a lower --learning_rate "
+                    f"(now {cfg.learning_rate}), --max_grad_norm, or --mixed_precision bf16 instead of fp16."
+                )
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(all_params, cfg.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
-            step_loss = accelerator.gather(torch.stack(group_losses).mean().reshape(1)).float().mean().item()
-            group_losses = []
-            if not math.isfinite(step_loss):
-                hint = f"The last good checkpoint is {last_checkpoint}: resume with --resume_from_checkpoint {last_checkpoint}" if last_checkpoint else "No checkpoint was written before it"
-                raise TrainingError(
-                    f"the loss is {step_loss} at step {global_step}. {hint}, with a lower --learning_rate "
-                    f"(now {cfg.learning_rate}), --max_grad_norm, or --mixed_precision bf16 instead of fp16."
-                )
             if ema is not None:
                 ema.step(all_params)
             losses.append(step_loss)
@@ -422,6 +443,8 @@ def _train(cfg, accelerator, instances, resume_from, pipe, on_step) -> TrainResu
     if main:
         weights_path = save_final_adapter(cfg, components, out)
         say(f"Saved the {cfg.adapter} adapter to {weights_path}")
-        grid = sample("final")
+        grid, images = sample("final")
+        if cfg.adapter == "gralora":
+            share(cfg, out, grid, images, say)
     accelerator.wait_for_everyone()
     return TrainResult(out, weights_path, global_step, losses, components, pipe, grid)

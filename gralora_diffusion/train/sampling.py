@@ -24,13 +24,15 @@ def generate_samples(pipeline, prompts: list[str], num_images: int, resolution: 
     return rows
 
 
-def save_samples(rows: list[list], folder: Path, tag: str) -> Path:
-    """Write `{tag}-p{prompt}-{i}.png` for each image and `{tag}-grid.png`; return the grid's path."""
+def save_samples(rows: list[list], folder: Path, tag: str) -> tuple[Path, list[Path]]:
+    """Write `{tag}-p{prompt}-{i}.png` for each image and `{tag}-grid.png`; return (grid, images)."""
     folder.mkdir(parents=True, exist_ok=True)
+    paths = []
     for p, row in enumerate(rows):
         for i, image in enumerate(row):
-            image.save(folder / f"{tag}-p{p}-{i}.png")
+            paths.append(folder / f"{tag}-p{p}-{i}.png")
+            image.save(paths[-1])
     grid = make_image_grid([im for row in rows for im in row], rows=len(rows), cols=len(rows[0]))
     grid_path = folder / f"{tag}-grid.png"
     grid.save(grid_path)
-    return grid_path
+    return grid_path, paths

@@ -1,0 +1,145 @@
+"""`step` benchmark: one update of the DreamBooth trainer (`gralora_diffusion.train`) on the tiny SDXL,
+time per step and peak memory, for GraLoRA vs `--adapter lora` at the same rank, caching on vs off,
+gradient checkpointing on vs off.
+
+Each variant trains in its own process, because peak RSS (`ru_maxrss`) only ever grows within one.
+Rounds run the variants in rotated order, so a slow phase of a shared machine falls on all alike.
+
+    python scripts/benchmark.py step [--quick] [--threads 1 --clock cpu] [--device cuda] [--json out.json]
+    python -m gralora_diffusion.bench.step [same options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BASE = {"adapter": "gralora", "cache_latents": False, "cache_text_embeddings": False, "gradient_checkpointing": False}
+VARIANTS = {
+    "gralora": {},
+    "lora (same rank)": {"adapter": "lora"},
+    "gralora + caching": {"cache_latents": True, "cache_text_embeddings": True},
+    "gralora + grad checkpointing": {"gradient_checkpointing": True},
+}
+COMPARISONS = [("lora (same rank)", "gralora"), ("gralora", "gralora + caching"), ("gralora + grad checkpointing", "gralora")]
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+WARMUP = 3
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(spec: dict) -> dict:
+    """Train one variant in this process; return step times (s) and memory (MiB)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..tiny import TINY_MODEL_ID, tiny_sdxl_pipeline
+    from ..train import TrainConfig, train
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (spec["resolution"], spec["resolution"], 3), dtype=np.uint8)).save(data / f"{i}.png")
+        cfg = TrainConfig(
+            pretrained_model_name_or_path=TINY_MODEL_ID, instance_data_dir=str(data), instance_prompt="a photo of sks teapot",
+            output_dir=str(Path(tmp) / "out"), resolution=spec["resolution"], train_batch_size=spec["batch"], rank=8,
+            max_train_steps=WARMUP + spec["steps"], checkpointing_steps=10**9, seed=0, report_to="none",
+            mixed_precision=PRECISION[spec["dtype"]], repeats=100, **{**BASE, **VARIANTS[spec["variant"]]},
+        )
+        pipe = tiny_sdxl_pipeline(seed=0)
+        start_rss, marks = _rss_mb(), [clock()]
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        train(cfg, pipeline=pipe, on_step=lambda step, loss: marks.append(clock()))
+    steps = [b - a for a, b in zip(marks, marks[1:])][WARMUP:]
+    result = {"variant": spec["variant"], "step_s": steps, "start_rss_mb": start_rss,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def run(args) -> dict:
+    from .common import machine, summarize, table
+
+    import torch
+
+    quick = bool(getattr(args, "quick", False))
+    spec = {"threads": getattr(args, "threads", None), "clock": getattr(args, "clock", "wall"), "dtype": getattr(args, "dtype", "fp32"),
+            "steps": 5 if quick else getattr(args, "reps", 10) or 10, "resolution": 64 if quick else 128, "batch": 1 if quick else 2}
+    rounds = 1 if quick else 2
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if str(getattr(args, "device", "cpu")).startswith("cpu"):
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    names = list(VARIANTS)
+    records = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            proc = subprocess.run([sys.executable, "-m", "gralora_diffusion.bench.step", "--child", json.dumps({**spec, "variant": name})],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"step benchmark, variant {name!r} failed:\n{proc.stderr[-2000:]}")
+            records[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    stats = {}
+    for name, recs in records.items():
+        stats[name] = summarize([s for rec in recs for s in rec["step_s"]])
+        stats[name]["peak_rss_mb"] = max(rec["peak_rss_mb"] for rec in recs)
+        stats[name]["start_rss_mb"] = min(rec["start_rss_mb"] for rec in recs)
+        if "cuda_peak_mb" in recs[0]:
+            stats[name]["cuda_peak_mb"] = max(rec["cuda_peak_mb"] for rec in recs)
+    base = stats["gralora"]["median_ms"]
+    header = ["variant", "ms / step", "vs gralora", "spread", "peak RSS MiB", "RSS at start MiB"]
+    rows = [[n, f"{s['median_ms']:.1f}", f"{s['median_ms'] / base:.2f}×", f"{100 * s['spread']:.0f}%",
+             f"{s['peak_rss_mb']:.0f}", f"{s['start_rss_mb']:.0f}"] for n, s in stats.items()]
+    if any("cuda_peak_mb" in s for s in stats.values()):
+        header.append("CUDA peak MiB")
+        for row, s in zip(rows, stats.values()):
+            row.append(f"{s.get('cuda_peak_mb', 0):.0f}")
+    print(table(header, rows))
+    ratios = {f"{a} / {b}": stats[a]["median_ms"] / stats[b]["median_ms"] for a, b in COMPARISONS}
+    print("; ".join(f"{k}: {v:.2f}×" for k, v in ratios.items()))
+    print(f"Tiny SDXL trainer, {spec['resolution']} px, batch {spec['batch']}, rank 8 (GraLoRA k=2) on UNet attention, "
+          f"{spec['dtype']}, {spec['clock']} clock, threads {spec['threads'] or torch.get_num_threads()}; median of "
+          f"{spec['steps']} steps x {rounds} round(s) after {WARMUP} warm-up steps, each variant in its own process.")
+    return {"benchmark": "step", "device": str(getattr(args, "device", "cpu")), "spec": spec, "rounds": rounds,
+            "machine": machine(torch.device("cpu")), "results": stats, "ratios": ratios}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(PRECISION))
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (busy shared CPU, with --threads 1)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return {}
+    result = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
