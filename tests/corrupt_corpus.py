@@ -118,9 +118,11 @@ def build_cases(good: Path, tmp: Path):
         tensors[a_key] = tensors[a_key].transpose(1, 2).contiguous()
 
     def unknown_module(tensors, _):
-        for suffix in ("gralora_A", "gralora_B"):
-            src = a_key[: -len("gralora_A")] + suffix
-            tensors[src.replace("to_q", "to_nowhere", 1).replace("q_proj", "no_proj", 1)] = tensors[src].clone()
+        # the same weights once more, under a module name no SDXL has
+        module = a_key[: -len(".gralora_A")]
+        for suffix in ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight"):
+            if f"{module}.{suffix}" in tensors:
+                tensors[f"{module.rsplit('.', 1)[0]}.to_nowhere.{suffix}"] = tensors[f"{module}.{suffix}"].clone()
 
     def missing_B(tensors, _):
         del tensors[a_key[: -len("gralora_A")] + "gralora_B"]

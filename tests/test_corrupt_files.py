@@ -51,3 +51,42 @@ def test_read_adapter_file_answers_every_case_with_our_error(good_file, tmp_path
             failures.append(f"{name}: read without error")
     assert not failures, "\n".join(failures)
     assert not (tmp_path / "UNPICKLED").exists()
+
+
+def _expect_our_error(call, path, failures, name):
+    try:
+        call()
+    except gd.GraloraError as err:
+        if str(path) not in str(err) and path.name not in str(err):
+            failures.append(f"{name}: {str(err)!r} does not name the file")
+    except Exception as err:  # noqa: BLE001 - any other type is a failure
+        failures.append(f"{name}: {type(err).__name__}: {err}")
+    else:
+        failures.append(f"{name}: no error")
+
+
+def test_loader_export_and_info_refuse_every_case_and_change_nothing(good_file, tmp_path):
+    from conftest import generate
+
+    pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
+    before = generate(pipe)
+    out_dir = tmp_path / "exports"
+    out_dir.mkdir()
+    cases = corpus(good_file, tmp_path)
+    # a GraLoRA file given to export twice: the second input is already a LoRA
+    exported = tmp_path / "exported_lora.safetensors"
+    gd.export_lora(good_file, exported)
+    cases.append(("exported_twice", lambda: exported, "LoRA"))
+    failures = []
+    for name, build, _ in cases:
+        path = build()
+        _expect_our_error(lambda: pipe.load_gralora_weights(path), path, failures, f"load {name}")
+        if name in READABLE:
+            continue
+        _expect_our_error(lambda: gd.export_lora(path, out_dir / f"{name}.safetensors"), path, failures, f"export {name}")
+        _expect_our_error(lambda: gd.adapter_info(path), path, failures, f"info {name}")
+    assert not failures, "\n".join(failures)
+    assert list(out_dir.iterdir()) == []  # no partial export left behind
+    assert not any(pipe.list_gralora_adapters().values())
+    assert (generate(pipe) == before).all()
+    assert not (tmp_path / "UNPICKLED").exists()

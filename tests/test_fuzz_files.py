@@ -49,3 +49,39 @@ def test_mutated_files_are_read_or_refused(tmp_path, good_bytes, mutations, cut)
     else:
         assert all(torch.isfinite(t).all() for sd in adapter.state_dicts.values() for t in sd.values())
     assert time.monotonic() - start < 2.0
+
+
+@pytest.fixture(scope="module")
+def pipe_and_adapter(tmp_path_factory):
+    pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
+    source = gd.tiny_sdxl_pipeline(seed=0)
+    gd.add_gralora(source, r=2, gralora_k=2, hybrid_r=1, unet_targets=r".*mid_block.*attn1\.(to_q|to_v)")
+    folder = tmp_path_factory.mktemp("fuzz_pipe")
+    path = gd.patch_pipeline(source).save_gralora_weights(folder)
+    return pipe, path.read_bytes()
+
+
+def unet_fingerprint(pipe):
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=mutation)
+def test_mutated_files_load_cleanly_or_leave_the_pipeline_unchanged(tmp_path, pipe_and_adapter, mutations):
+    pipe, good = pipe_and_adapter
+    data = bytearray(good)
+    for where, value in mutations:
+        data[int(where * len(data))] = value
+    path = tmp_path / "mutated.safetensors"
+    path.write_bytes(bytes(data))
+    before = unet_fingerprint(pipe)
+    try:
+        name = pipe.load_gralora_weights(path, adapter_name="fuzz")
+    except gd.GraloraError:
+        after = unet_fingerprint(pipe)
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    else:
+        pipe.unload_gralora_weights()
+        assert name == "fuzz"
+    assert not any(pipe.list_gralora_adapters().values())
