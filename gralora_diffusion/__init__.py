@@ -8,6 +8,10 @@ from .adapter_file import WEIGHT_NAME, AdapterFile, read_adapter_file, save_adap
 from .loader import GraloraLoaderMixin, GraloraStableDiffusionXLPipeline, patch_pipeline
 from .summary import adapter_summary, format_summary
 from .tiny import save_tiny_sdxl, tiny_sdxl_pipeline
+from .export import ExportError, ExportReport, export_lora
+from .info import adapter_info, format_info
+from .generate import GenerateResult, generate_samples
+from .hub import HubError, push_to_hub, save_model_card
 
 __version__ = "0.1.0"
 
@@ -30,4 +34,14 @@ __all__ = [
     "format_summary",
     "save_tiny_sdxl",
     "tiny_sdxl_pipeline",
+    "ExportError",
+    "ExportReport",
+    "export_lora",
+    "adapter_info",
+    "format_info",
+    "GenerateResult",
+    "generate_samples",
+    "HubError",
+    "push_to_hub",
+    "save_model_card",
 ]
