@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_file import WEIGHT_NAME, AdapterFile, atomic_write, read_adapter_file, split_module_key
+from .adapter_file import AdapterFile, atomic_write, split_module_key
 from .errors import GraloraError
+from .loader import resolve_adapter
 
 FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -250,14 +251,6 @@ def _unet_layers(config) -> int:
 # --- export ----------------------------------------------------------------------------------
 
 
-def resolve_source(src: str | os.PathLike) -> Path:
-    """An adapter file, or a folder holding `pytorch_gralora_weights.safetensors`."""
-    src = Path(src)
-    if src.is_dir() and (src / WEIGHT_NAME).is_file():
-        return src / WEIGHT_NAME
-    return src
-
-
 def resolve_dtype(dtype, adapter: AdapterFile) -> torch.dtype:
     if dtype is None:
         return next(iter(next(iter(adapter.state_dicts.values())).values())).dtype
@@ -364,7 +357,8 @@ def export_lora(
 ) -> ExportReport:
     """Write a GraLoRA adapter as a plain LoRA safetensors file.
 
-    src: adapter file (or folder with `pytorch_gralora_weights.safetensors`). dst: file path, or an
+    src: anything `load_gralora_weights` reads (adapter file, its folder, a PEFT `save_pretrained`
+    folder, a Hub repo id, an `AdapterFile`). dst: file path, or an
     existing folder (then `pytorch_lora_weights.safetensors` / `lora_kohya.safetensors` inside).
     rank=None: exact (rank k·r + hybrid_r); rank=N: SVD-truncated to N. dtype: fp32/fp16/bf16 (default:
     the adapter's). max_size: bytes; a larger export is refused before anything is written.
@@ -372,12 +366,12 @@ def export_lora(
     """
     if format not in FORMATS:
         raise ExportError(f"format={format!r}: pick one of {', '.join(FORMATS)}.")
-    adapter = read_adapter_file(resolve_source(src))
+    adapter = resolve_adapter(src)
     out_dtype = resolve_dtype(dtype, adapter)
     dst = Path(dst)
     if dst.is_dir():
         dst = dst / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)
-    if dst.resolve() == Path(adapter.source).resolve():
+    if dst.resolve() == Path(str(adapter.source)).resolve():
         raise ExportError(f"{dst} is the source adapter itself; pick another output path.")
     plan = _export_ranks(adapter, rank)
     estimate = estimate_size(adapter, rank, out_dtype, format)

@@ -95,10 +95,8 @@ def save_model_card(
     })
     prompt = instance_prompt or "a photo"
     base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
-    local = "adapter_folder" if repo_id else str(folder)  # export-lora reads a local file or folder
     trigger = f" Trigger prompt: `{instance_prompt}`." if instance_prompt else ""
     k = unet.get("k", "k")
-    download = f"hf download {repo_id} --local-dir {local}\n" if repo_id else ""
     parts = [f"""
 # {name}
 
@@ -127,9 +125,9 @@ image = pipe("{prompt}", cross_attention_kwargs={{"scale": 1.0}}).images[0]
 A GraLoRA update is exactly a LoRA of rank k·r + hybrid_r, so this export loses nothing:
 
 ```bash
-{download}gralora-diffusion export-lora {local} lora.safetensors                    # diffusers keys, exact
-gralora-diffusion export-lora {local} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
-gralora-diffusion export-lora {local} lora_r16.safetensors --rank 16          # smaller, SVD-truncated
+gralora-diffusion export-lora {where} lora.safetensors                    # diffusers keys, exact
+gralora-diffusion export-lora {where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
+gralora-diffusion export-lora {where} lora_r16.safetensors --rank 16          # smaller, SVD-truncated
 ```
 
 Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include-lora-export`), stock

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 
-from .adapter_file import read_adapter_file
-from .export import estimate_size, exact_rank, format_size, group_modules, resolve_source, scaling
+from pathlib import Path
+
+from .export import estimate_size, exact_rank, format_size, group_modules, scaling
+from .loader import resolve_adapter
 
 
 def adapter_info(path: str | os.PathLike) -> dict:
     """{file, file_size, format_version, base_model, dtype, params, components: {component: {r, k,
-    hybrid_r, alpha, scaling, targets, modules, params, exact_lora_rank}}, lora_export: {rank, size_bytes}}."""
-    source = resolve_source(path)
-    adapter = read_adapter_file(source)
+    hybrid_r, alpha, scaling, targets, modules, params, exact_lora_rank}}, lora_export: {rank, size_bytes}}.
+    `path`: anything `load_gralora_weights` reads (file, folder, PEFT folder, Hub repo id)."""
+    adapter = resolve_adapter(path)
+    source = Path(adapter.source)
     components, dtypes = {}, set()
     for component, state_dict in adapter.state_dicts.items():
         config = adapter.configs[component]
@@ -30,7 +33,7 @@ def adapter_info(path: str | os.PathLike) -> dict:
         }
     return {
         "file": str(source),
-        "file_size": source.stat().st_size,
+        "file_size": source.stat().st_size if source.is_file() else sum(p.stat().st_size for p in source.rglob("*.safetensors")),
         "format_version": int(adapter.metadata.get("format_version", 0)),
         "base_model": adapter.base_model,
         "dtype": ", ".join(sorted(dtypes)),

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import generate, randomize_gralora_B
+from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 from peft import GraloraConfig, set_peft_model_state_dict
 from safetensors import safe_open
 
@@ -249,7 +250,7 @@ def test_lora_file_as_source_is_refused(adapter_file, tmp_path):
 
 def test_cli_export_lora(adapter_file, tmp_path, capsys):
     dst = tmp_path / "lora_kohya.safetensors"
-    assert cli_main(["export-lora", str(adapter_file), str(dst), "--format", "kohya", "--dtype", "fp16", "--rank", "4", "--json"]) == 0
+    assert cli_main(["export-lora", str(adapter_file.parent), str(dst), "--format", "kohya", "--dtype", "fp16", "--rank", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["size_bytes"] == dst.stat().st_size and report["format"] == "kohya" and not report["exact"]
     tensors, header = export_tensors(dst)

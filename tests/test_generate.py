@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROMPT, randomize_gralora_B
+from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 from PIL import Image
 
 import gralora_diffusion as gd

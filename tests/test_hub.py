@@ -13,6 +13,8 @@ import yaml
 from huggingface_hub import ModelCard, constants
 from PIL import Image
 
+from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
+
 import gralora_diffusion as gd
 from gralora_diffusion.adapter_file import WEIGHT_NAME, collect_adapter, read_adapter_file, save_adapter_file
 from gralora_diffusion.cli import main as cli_main

@@ -3,6 +3,8 @@ import json
 import pytest
 import torch
 
+from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
+
 import gralora_diffusion as gd
 from gralora_diffusion.adapter_file import WEIGHT_NAME, collect_adapter, save_adapter_file
 from gralora_diffusion.cli import main as cli_main

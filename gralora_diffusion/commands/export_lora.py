@@ -4,7 +4,7 @@ HELP = "Export a GraLoRA adapter as a plain LoRA (exact, or SVD-truncated) for d
 
 
 def add_arguments(parser):
-    parser.add_argument("src", type=Path, help="adapter file, or a folder with pytorch_gralora_weights.safetensors")
+    parser.add_argument("src", help="adapter file, its folder, a PEFT save_pretrained folder, or a Hub repo id")
     parser.add_argument("dst", type=Path, help="output .safetensors file (or an existing folder)")
     parser.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers",
                         help="diffusers keys (load_lora_weights) or kohya keys (ComfyUI, A1111); default diffusers")

@@ -4,7 +4,7 @@ HELP = "Show what a GraLoRA adapter file holds: base model, components, r, k, hy
 
 
 def add_arguments(parser):
-    parser.add_argument("adapter", type=Path, help="adapter file, or a folder with pytorch_gralora_weights.safetensors")
+    parser.add_argument("adapter", help="adapter file, its folder, a PEFT save_pretrained folder, or a Hub repo id")
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
 
 
