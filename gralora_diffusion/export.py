@@ -215,30 +215,35 @@ def diffusers_module(component: str, module: str) -> str:
 
 
 def resolve_layers_per_block(adapter: AdapterFile, layers_per_block: int | None) -> int:
-    """The UNet's layers_per_block: given, else from the base model's UNet config when it is on this
-    machine (a folder, the embedded tiny model, or the Hub cache), else SDXL's 2."""
+    """The UNet's layers_per_block: given; else from the base model's UNet config when it is on this
+    machine (a folder, the embedded tiny model, or the Hub cache); else from the adapter's names (an
+    up block has layers_per_block + 1 attentions, and every preset adapts all of them); else SDXL's 2."""
     if layers_per_block is not None:
         return int(layers_per_block)
-    base = adapter.base_model
-    if base:
-        from .tiny import TINY_MODEL_ID
+    config = _base_unet_config(adapter.base_model) if adapter.base_model else None
+    if config is not None:
+        return _unet_layers(config)
+    up_layers = [int(m[3]) for key in adapter.state_dicts.get("unet", {}) if (m := _UNET_ATTENTION.match(key)) and m[1] == "up_blocks"]
+    return max(up_layers) if up_layers and max(up_layers) > 0 else SDXL_LAYERS_PER_BLOCK
 
-        if base in (TINY_MODEL_ID, "tiny"):
-            from .tiny import _unet
 
-            return _unet_layers(_unet().config)
-        config_path = Path(base) / "unet" / "config.json"
-        if not config_path.is_file():
-            try:
-                from huggingface_hub import try_to_load_from_cache
+def _base_unet_config(base: str):
+    from .tiny import TINY_MODEL_ID
 
-                cached = try_to_load_from_cache(base, "unet/config.json")
-                config_path = Path(cached) if isinstance(cached, str) else None
-            except Exception:  # not a repo id: nothing cached to read
-                config_path = None
-        if config_path is not None and config_path.is_file():
-            return _unet_layers(json.loads(config_path.read_text()))
-    return SDXL_LAYERS_PER_BLOCK
+    if base in (TINY_MODEL_ID, "tiny"):
+        from .tiny import _unet
+
+        return _unet().config
+    path = Path(base) / "unet" / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, "unet/config.json")
+        except Exception:  # not a repo id: nothing cached to read
+            return None
+        path = Path(cached) if isinstance(cached, str) else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def _unet_layers(config) -> int:

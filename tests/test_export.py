@@ -14,7 +14,15 @@ from safetensors import safe_open
 import gralora_diffusion as gd
 from gralora_diffusion.adapter_file import collect_adapter, read_adapter_file, save_adapter_file
 from gralora_diffusion.cli import main as cli_main
-from gralora_diffusion.export import ExportError, diffusers_module, export_lora, group_modules, kohya_key, lora_factors
+from gralora_diffusion.export import (
+    ExportError,
+    diffusers_module,
+    export_lora,
+    group_modules,
+    kohya_key,
+    lora_factors,
+    resolve_layers_per_block,
+)
 from gralora_diffusion.inject import inject_config
 from gralora_diffusion.tiny import TINY_MODEL_ID
 
@@ -210,13 +218,25 @@ def test_kohya_export_on_sdxl_block_layout_with_tiny_widths(tmp_path):
     with torch.no_grad():
         expected = pipe.unet(**inputs).sample
     path = write_adapter(pipe, tmp_path / "adapter.safetensors", base_model="sdxl-layout")
-    export_lora(path, tmp_path / "kohya.safetensors", format="kohya", layers_per_block=2)
+    export_lora(path, tmp_path / "kohya.safetensors", format="kohya")  # layers_per_block=2 read off the up-block names
     stock = pipeline()
     stock.load_lora_weights(str(tmp_path / "kohya.safetensors"))
     with torch.no_grad():
         got = stock.unet(**inputs).sample
     assert (expected - base).abs().max() > 0.05
     assert (got - expected).abs().max() <= 1e-5
+
+
+def test_layers_per_block_from_base_config_names_or_argument(adapter_file, tmp_path):
+    adapter = read_adapter_file(adapter_file)
+    assert resolve_layers_per_block(adapter, None) == 1  # base_model = the tiny id: its UNet config
+    adapter.metadata.pop("base_model")
+    assert resolve_layers_per_block(adapter, None) == 1  # no base model: up blocks have attentions 0..1
+    folder = tmp_path / "base" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"layers_per_block": 3}))
+    adapter.metadata["base_model"] = str(tmp_path / "base")
+    assert resolve_layers_per_block(adapter, None) == 3 and resolve_layers_per_block(adapter, 2) == 2
 
 
 def leftovers(folder):
