@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import generate, randomize_gralora_B
 from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
-from peft import GraloraConfig, set_peft_model_state_dict
+from peft import GraloraConfig
 from safetensors import safe_open
 
 import gralora_diffusion as gd
@@ -35,16 +35,9 @@ def write_adapter(pipe, path, base_model=TINY_MODEL_ID):
 
 
 def gralora_pipeline(path):
-    """A fresh tiny pipeline carrying the adapter file, through the loader when it exists."""
-    pipe = gd.tiny_sdxl_pipeline(seed=0)
-    if hasattr(gd, "patch_pipeline"):
-        gd.patch_pipeline(pipe).load_gralora_weights(str(path))
-        return pipe
-    adapter = read_adapter_file(path)
-    for component, config in adapter.configs.items():
-        model = getattr(pipe, component)
-        inject_config(model, GraloraConfig(**config), "default")
-        set_peft_model_state_dict(model, adapter.state_dicts[component], adapter_name="default")
+    """A fresh tiny pipeline carrying the adapter file, through our loader."""
+    pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
+    pipe.load_gralora_weights(str(path))
     return pipe
 
 

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 HELP = "Show what a GraLoRA adapter file holds: base model, components, r, k, hybrid_r, alpha, targets, sizes."
 
 
