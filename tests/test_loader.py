@@ -229,6 +229,10 @@ def test_per_component_weights(source):
     assert unet_layer.scaling["a"] == pytest.approx(0.5 * unet_layer.base_scaling("a"))
     assert te_layer.scaling["a"] == 0.0
     assert te2_layer.scaling["a"] == pytest.approx(te2_layer.base_scaling("a"))  # not named: weight 1
+    pipe.set_gralora_adapters(["a"], [{"unet": {"down": 0.25, "mid": 0.0, "up": 1.0}}])  # diffusers' block weights
+    mid_layer = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q
+    assert unet_layer.scaling["a"] == pytest.approx(0.25 * unet_layer.base_scaling("a"))
+    assert mid_layer.scaling["a"] == 0.0
 
 
 @pytest.mark.parametrize("exact", [True, False])
