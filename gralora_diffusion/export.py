@@ -299,12 +299,12 @@ def _diffusers_metadata(entries: dict[str, list[tuple[str, int]]]) -> dict:
     """diffusers' `lora_adapter_metadata`: `<component>.<LoraConfig field>`, alpha = rank (scale 1)."""
     meta = {}
     for component, modules in entries.items():
-        ranks = [r for _, r in modules]
-        r = collections.Counter(ranks).most_common(1)[0][0]
+        # Text encoders: paths without `text_model.`: PEFT matches targets and patterns by suffix,
+        # so they fit CLIP with and without that wrapper (transformers 5 flattens CLIPTextModel).
+        modules = [(name.removeprefix("text_model."), rank) for name, rank in modules]
+        r = collections.Counter(rank for _, rank in modules).most_common(1)[0][0]
         pattern = {name: rank for name, rank in modules if rank != r}
-        # Text encoders: the path without `text_model.`: PEFT matches a target by suffix, so it
-        # fits CLIP with and without the wrapper (transformers 5 flattens CLIPTextModel).
-        targets = sorted(name.removeprefix("text_model.") for name, _ in modules)
+        targets = sorted(name for name, _ in modules)
         meta.update({
             f"{component}.r": r, f"{component}.lora_alpha": r, f"{component}.target_modules": targets,
             f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": pattern,

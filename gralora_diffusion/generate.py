@@ -147,18 +147,19 @@ def generate_samples(
     (with `patch_pipeline`) instead of `base_model`."""
     if not prompts:
         raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
+    if not seeds or not scales:
+        raise GraloraConfigError("Give at least one seed and one scale.")
     if steps < 1:
         raise GraloraConfigError(f"steps={steps}: at least 1.")
     if pipe is None:
         pipe = load_base_pipeline(base_model, device, dtype)
     names = [pipe.load_gralora_weights(path, adapter_name=f"adapter_{i}") for i, (path, _) in enumerate(adapters)]
     weights = [float(w) for _, w in adapters]
-    if base_model == TINY and height is None and width is None:
-        height = width = 64
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = [(p, s) for p in prompts for s in seeds]
-    result = GenerateResult(output_dir, output_dir / "grid.png", rows=rows, scales=list(scales), adapters=dict(zip(names, weights)))
+    paths = [output_dir / f"{r // len(seeds):02d}_{_slug(p)}_seed{s}_scale{c:g}.png" for r, (p, s) in enumerate(rows) for c in scales]
+    result = GenerateResult(output_dir, output_dir / "grid.png", paths, rows, list(scales), dict(zip(names, weights)))
     images = [[None] * len(scales) for _ in rows]
     for c, scale in enumerate(scales):
         kwargs = {}
@@ -170,7 +171,7 @@ def generate_samples(
                 kwargs["cross_attention_kwargs"] = {"scale": scale}
         try:
             for r, (prompt, seed) in enumerate(rows):
-                image = pipe(
+                images[r][c] = pipe(
                     prompt,
                     negative_prompt=negative_prompt,
                     num_inference_steps=steps,
@@ -180,15 +181,10 @@ def generate_samples(
                     generator=torch.Generator(device="cpu").manual_seed(seed),
                     **kwargs,
                 ).images[0]
-                images[r][c] = image
+                images[r][c].save(result.images[r * len(scales) + c])  # as it comes: a stopped run keeps what it made
         finally:
             if names and fuse:
                 pipe.unfuse_gralora()
-    for r, (prompt, seed) in enumerate(rows):
-        for c, scale in enumerate(scales):
-            path = output_dir / f"{prompts.index(prompt):02d}_{_slug(prompt)}_seed{seed}_scale{scale:g}.png"
-            images[r][c].save(path)
-            result.images.append(path)
     labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
     labelled_grid(images, labels, [f"scale {s:g}" for s in scales]).save(result.grid)
     return result
