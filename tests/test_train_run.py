@@ -206,3 +206,11 @@ def test_bf16_keeps_adapter_and_vae_in_fp32(tmp_path):
     trainable = [p for m in result.components.values() for p in m.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # cast_training_params
     assert result.pipeline.unet.dtype == torch.bfloat16 and result.pipeline.vae.dtype == torch.float32
+
+
+def test_step_benchmark_times_every_variant():
+    from gralora_diffusion.bench.step import VARIANTS, child
+
+    spec = {"mode": "time", "threads": None, "clock": "cpu", "dtype": "fp32", "steps": 1, "rounds": 1, "resolution": 64, "batch": 1}
+    times = child(spec)
+    assert set(times) == set(VARIANTS) and all(len(t) == 1 and t[0] > 0 for t in times.values())

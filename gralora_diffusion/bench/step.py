@@ -2,8 +2,9 @@
 time per step and peak memory, for GraLoRA vs `--adapter lora` at the same rank, caching on vs off,
 gradient checkpointing on vs off.
 
-Each variant trains in its own process, because peak RSS (`ru_maxrss`) only ever grows within one.
-Rounds run the variants in rotated order, so a slow phase of a shared machine falls on all alike.
+Step times come from one process that runs every variant for a few steps, round after round in
+rotated order (a slow phase of a shared machine falls on all alike); peak RSS (`ru_maxrss`, which
+only ever grows within a process) from one fresh process per variant.
 
     python scripts/benchmark.py step [--quick] [--threads 1 --clock cpu] [--device cuda] [--json out.json]
     python -m gralora_diffusion.bench.step [same options]
@@ -38,41 +39,69 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(spec: dict) -> dict:
-    """Train one variant in this process; return step times (s) and memory (MiB)."""
+def _config(spec: dict, variant: str, data: Path, out: Path, steps: int):
+    from ..tiny import TINY_MODEL_ID
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        pretrained_model_name_or_path=TINY_MODEL_ID, instance_data_dir=str(data), instance_prompt="a photo of sks teapot",
+        output_dir=str(out), resolution=spec["resolution"], train_batch_size=spec["batch"], rank=8, max_train_steps=steps,
+        checkpointing_steps=10**9, seed=0, report_to="none", mixed_precision=PRECISION[spec["dtype"]], repeats=100,
+        **{**BASE, **VARIANTS[variant]},
+    )
+
+
+def _images(folder: Path, resolution: int) -> Path:
     import numpy as np
-    import torch
     from PIL import Image
 
-    from ..tiny import TINY_MODEL_ID, tiny_sdxl_pipeline
-    from ..train import TrainConfig, train
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def child(spec: dict) -> dict:
+    """mode "time": every variant in this process, short runs in rotated order, round after round,
+    so a slow phase of the machine falls on all alike; returns {variant: step seconds}.
+    mode "memory": one variant in a fresh process; returns its RSS at the start and at the peak (MiB)."""
+    import torch
+
+    from ..tiny import tiny_sdxl_pipeline
+    from ..train import train
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
+    names = list(VARIANTS)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        rng = np.random.default_rng(0)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (spec["resolution"], spec["resolution"], 3), dtype=np.uint8)).save(data / f"{i}.png")
-        cfg = TrainConfig(
-            pretrained_model_name_or_path=TINY_MODEL_ID, instance_data_dir=str(data), instance_prompt="a photo of sks teapot",
-            output_dir=str(Path(tmp) / "out"), resolution=spec["resolution"], train_batch_size=spec["batch"], rank=8,
-            max_train_steps=WARMUP + spec["steps"], checkpointing_steps=10**9, seed=0, report_to="none",
-            mixed_precision=PRECISION[spec["dtype"]], repeats=100, **{**BASE, **VARIANTS[spec["variant"]]},
-        )
-        pipe = tiny_sdxl_pipeline(seed=0)
-        start_rss, marks = _rss_mb(), [clock()]
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        train(cfg, pipeline=pipe, on_step=lambda step, loss: marks.append(clock()))
-    steps = [b - a for a, b in zip(marks, marks[1:])][WARMUP:]
-    result = {"variant": spec["variant"], "step_s": steps, "start_rss_mb": start_rss,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+        data = _images(Path(tmp) / "data", spec["resolution"])
+        if spec["mode"] == "memory":
+            pipe, start = tiny_sdxl_pipeline(seed=0), _rss_mb()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            train(_config(spec, spec["variant"], data, Path(tmp) / "out", WARMUP + 2), pipeline=pipe)
+            result = {"start_rss_mb": start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            if torch.cuda.is_available():
+                result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            return result
+        times = {name: [] for name in names}
+        for r in range(spec["rounds"]):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                marks = [clock()]
+                cfg = _config(spec, name, data, Path(tmp) / f"out{r}{names.index(name)}", WARMUP + spec["steps"])
+                train(cfg, pipeline=tiny_sdxl_pipeline(seed=0), on_step=lambda step, loss: marks.append(clock()))
+                times[name] += [b - a for a, b in zip(marks, marks[1:])][WARMUP:]
+        return times
+
+
+def _spawn(spec: dict, env: dict):
+    proc = subprocess.run([sys.executable, "-m", "gralora_diffusion.bench.step", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"step benchmark {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run(args) -> dict:
@@ -82,31 +111,19 @@ def run(args) -> dict:
 
     quick = bool(getattr(args, "quick", False))
     spec = {"threads": getattr(args, "threads", None), "clock": getattr(args, "clock", "wall"), "dtype": getattr(args, "dtype", "fp32"),
-            "steps": 5 if quick else getattr(args, "reps", 10) or 10, "resolution": 64 if quick else 128, "batch": 1 if quick else 2}
-    rounds = 1 if quick else 2
+            "steps": 3 if quick else 5, "rounds": 2 if quick else max(2, getattr(args, "reps", 10) or 10),
+            "resolution": 64 if quick else 128, "batch": 1 if quick else 2}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     if str(getattr(args, "device", "cpu")).startswith("cpu"):
         env["CUDA_VISIBLE_DEVICES"] = ""
-    names = list(VARIANTS)
-    records = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            proc = subprocess.run([sys.executable, "-m", "gralora_diffusion.bench.step", "--child", json.dumps({**spec, "variant": name})],
-                                  capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"step benchmark, variant {name!r} failed:\n{proc.stderr[-2000:]}")
-            records[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    times = _spawn({**spec, "mode": "time"}, env)
     stats = {}
-    for name, recs in records.items():
-        stats[name] = summarize([s for rec in recs for s in rec["step_s"]])
-        stats[name]["peak_rss_mb"] = max(rec["peak_rss_mb"] for rec in recs)
-        stats[name]["start_rss_mb"] = min(rec["start_rss_mb"] for rec in recs)
-        if "cuda_peak_mb" in recs[0]:
-            stats[name]["cuda_peak_mb"] = max(rec["cuda_peak_mb"] for rec in recs)
+    for name in VARIANTS:
+        stats[name] = {**summarize(times[name]), **_spawn({**spec, "mode": "memory", "variant": name}, env)}
     base = stats["gralora"]["median_ms"]
-    header = ["variant", "ms / step", "vs gralora", "spread", "peak RSS MiB", "RSS at start MiB"]
+    header = ["variant", "ms / step", "vs gralora", "spread", "peak RSS MiB", "peak - start MiB"]
     rows = [[n, f"{s['median_ms']:.1f}", f"{s['median_ms'] / base:.2f}×", f"{100 * s['spread']:.0f}%",
-             f"{s['peak_rss_mb']:.0f}", f"{s['start_rss_mb']:.0f}"] for n, s in stats.items()]
+             f"{s['peak_rss_mb']:.0f}", f"{s['peak_rss_mb'] - s['start_rss_mb']:.0f}"] for n, s in stats.items()]
     if any("cuda_peak_mb" in s for s in stats.values()):
         header.append("CUDA peak MiB")
         for row, s in zip(rows, stats.values()):
@@ -115,9 +132,10 @@ def run(args) -> dict:
     ratios = {f"{a} / {b}": stats[a]["median_ms"] / stats[b]["median_ms"] for a, b in COMPARISONS}
     print("; ".join(f"{k}: {v:.2f}×" for k, v in ratios.items()))
     print(f"Tiny SDXL trainer, {spec['resolution']} px, batch {spec['batch']}, rank 8 (GraLoRA k=2) on UNet attention, "
-          f"{spec['dtype']}, {spec['clock']} clock, threads {spec['threads'] or torch.get_num_threads()}; median of "
-          f"{spec['steps']} steps x {rounds} round(s) after {WARMUP} warm-up steps, each variant in its own process.")
-    return {"benchmark": "step", "device": str(getattr(args, "device", "cpu")), "spec": spec, "rounds": rounds,
+          f"{spec['dtype']}, {spec['clock']} clock, threads {spec['threads'] or torch.get_num_threads()}; time: median over "
+          f"{spec['rounds']} rotated rounds x {spec['steps']} steps (after {WARMUP} warm-up steps) in one process; "
+          "memory: each variant in its own process.")
+    return {"benchmark": "step", "device": str(getattr(args, "device", "cpu")), "spec": spec,
             "machine": machine(torch.device("cpu")), "results": stats, "ratios": ratios}
 
 
@@ -127,7 +145,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(PRECISION))
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    parser.add_argument("--reps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--reps", type=int, default=10, help="rounds (each variant runs 5 timed steps per round)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (busy shared CPU, with --threads 1)")
     parser.add_argument("--json", help="also write the results to this JSON file")

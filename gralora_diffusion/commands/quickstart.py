@@ -26,11 +26,11 @@ def run(args) -> int:
     out = args.output_dir
     print(f"1/3 Writing the tiny SDXL (random weights, built offline) to {out / 'tiny-sdxl'} ...")
     base = save_tiny_sdxl(out / "tiny-sdxl", seed=args.seed)
-    print(f"2/3 Training a GraLoRA adapter (r=8, k=2) on {args.instance_data_dir} for {args.max_train_steps} steps at 64 px ...")
+    print(f"2/3 Training a GraLoRA adapter (r=8, k=2) on {args.instance_data_dir} for {args.max_train_steps} steps at 64 px, batch 2 ...")
     cfg = TrainConfig(
         pretrained_model_name_or_path=str(base), instance_data_dir=str(args.instance_data_dir), instance_prompt=PROMPT,
-        output_dir=str(out), resolution=64, random_flip=True, train_batch_size=1, max_train_steps=args.max_train_steps,
-        learning_rate=1e-3, rank=8, gralora_k=2, seed=args.seed, checkpointing_steps=args.max_train_steps,
+        output_dir=str(out), resolution=64, random_flip=True, train_batch_size=2, max_train_steps=args.max_train_steps,
+        learning_rate=3e-3, rank=8, gralora_k=2, seed=args.seed, checkpointing_steps=args.max_train_steps,
         validation_prompt=PROMPT, num_validation_images=4, num_inference_steps=8,
         report_to="tensorboard" if _has("tensorboard") else "none",
     )
@@ -40,6 +40,7 @@ def run(args) -> int:
     print(f"3/3 Done in {time.perf_counter() - start:.0f} s. Loss (mean of {n} steps): {first:.3f} at the start, {last:.3f} at the end.")
     print(f"  adapter:  {result.weights_path}")
     print(f"  samples:  {result.grid_path}  (4 seeds of {PROMPT!r})")
+    print(f"  card:     {out / 'README.md'}")
     print(f"  settings: {out / 'training_config.yaml'}  (reusable with --config)")
     print(f"  logs:     tensorboard --logdir {out / 'logs'}")
     print("Next: train on your own photos of a subject (GPU recommended):")
