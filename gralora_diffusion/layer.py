@@ -96,6 +96,10 @@ class GraloraLinear(PeftGraloraLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """PEFT's forward (disable/merged handling, active adapters, dtype casts, one dropout
         call per branch in PEFT's order), with the update accumulated in place into the result."""
+        if torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmuls pick their own dtype, which the in-place accumulation
+            # cannot follow (bf16 products into an fp32 result); PEFT's out-of-place path can.
+            return super().forward(x, *args, **kwargs)
         previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:

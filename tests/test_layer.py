@@ -79,3 +79,16 @@ def test_scale_methods_follow_lora_semantics():
     assert layer.scaling["default"] == pytest.approx(base)
     layer.set_scale("missing", 2.0)  # unknown adapters are ignored, as in PEFT's LoRA
     assert "missing" not in layer.scaling
+
+
+def test_forward_under_autocast_runs_and_matches_peft():
+    from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
+
+    _, layer = one_layer(r=8, gralora_k=2, hybrid_r=2)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = layer(x)
+        peft = PeftGraloraLinear.forward(layer, x)
+    ours.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.equal(ours, peft)
