@@ -199,3 +199,18 @@ def test_prior_loss_uses_both_halves():
     assert loss.item() == pytest.approx(1.0 + 0.5 * 4.0)
     weighted, _ = diffusion_loss(pred, target, timesteps, scheduler, snr_gamma=5.0, with_prior=True)
     assert torch.isfinite(weighted) and weighted.item() != loss.item()
+
+
+def test_latents_mean_and_std_are_honoured_both_ways():
+    from types import SimpleNamespace
+
+    from gralora_diffusion.train.loop import normalize_latents
+    from gralora_diffusion.train.sampling import latent_stats
+
+    config = SimpleNamespace(scaling_factor=0.5, latents_mean=[1.0, 2.0], latents_std=[2.0, 4.0])
+    latents = torch.randn(3, 2, 4, 4)
+    normalized = normalize_latents(latents, config)
+    assert torch.allclose(normalized[:, 1], (latents[:, 1] - 2.0) * 0.5 / 4.0)
+    mean, std = latent_stats(config, normalized)
+    assert torch.allclose(normalized * std / 0.5 + mean, latents, atol=1e-6)  # what sampling does before decoding
+    assert torch.equal(normalize_latents(latents, SimpleNamespace(scaling_factor=0.5)), latents * 0.5)

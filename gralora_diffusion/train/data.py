@@ -216,10 +216,11 @@ class EpochBatches:
         return [[(epoch, i) for i in b] for b in batches[self.rank :: self.num_replicas]]
 
 
-def ensure_class_images(folder, prompt: str, count: int, pipeline, resolution: int, batch_size: int, seed: int, steps: int, log=print) -> int:
-    """Generate class images until `folder` holds `count` readable images. Image i is named
-    class-{i:05d}.png and drawn with seed (seed, i), so a run killed halfway and restarted ends
-    with exactly the images an uninterrupted run writes. Returns how many were generated."""
+def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: int, seed: int, log=print) -> int:
+    """Generate class images until `folder` holds `count` readable images, with
+    `generate(prompts, generators) -> PIL images` (the base model). Image i is named class-{i:05d}.png
+    and drawn with seed (seed, i), so a run killed halfway and restarted ends with exactly the
+    images an uninterrupted run writes. Returns how many were generated."""
     from ..adapter_file import atomic_write
 
     folder = Path(folder)
@@ -236,11 +237,7 @@ def ensure_class_images(folder, prompt: str, count: int, pipeline, resolution: i
     log(f"Generating {missing} class image(s) for prior preservation in {folder} ...")
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(seed * 100003 + j) for j in chunk]
-        with torch.random.fork_rng(devices=[]):
-            images = pipeline(
-                [prompt] * len(chunk), num_inference_steps=steps, height=resolution, width=resolution, generator=generators
-            ).images
+        images = generate([prompt] * len(chunk), [torch.Generator().manual_seed(seed * 100003 + j) for j in chunk])
         for j, image in zip(chunk, images):
             atomic_write(folder / f"class-{j:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
     return missing

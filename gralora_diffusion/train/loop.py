@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, TrainConfigError, TrainingError
 from .data import DreamBoothDataset, EpochBatches, collate, ensure_class_images, logger, scan_images
-from .sampling import generate_samples, save_samples
+from .sampling import generate_images, generate_samples, latent_stats, save_samples
 from .save import (
     all_finite,
     complete_checkpoints,
@@ -118,13 +118,10 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str], device):
 
 def normalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """scaling_factor, and latents_mean/std when the VAE declares them (the pipeline undoes the same)."""
-    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
-        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
-        return (latents - mean) * vae_config.scaling_factor / std
-    return latents * vae_config.scaling_factor
+    stats = latent_stats(vae_config, latents)
+    if stats is None:
+        return latents * vae_config.scaling_factor
+    return (latents - stats[0]) * vae_config.scaling_factor / stats[1]
 
 
 def diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma=None, with_prior=False, prior_loss_weight=1.0):
@@ -234,9 +231,11 @@ def _train(cfg, accelerator, instances, resume_from, pipe, on_step) -> TrainResu
     classes = None
     if cfg.with_prior_preservation:
         if main:
-            with accelerator.autocast():
-                ensure_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, pipe, cfg.resolution,
-                                    cfg.sample_batch_size, cfg.seed, cfg.num_inference_steps, log=say)
+            def generate(prompts, generators):
+                return generate_images(pipe, prompts, generators, cfg.resolution, cfg.num_inference_steps, accelerator.autocast)
+
+            ensure_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, generate,
+                                cfg.sample_batch_size, cfg.seed, log=say)
         accelerator.wait_for_everyone()
         classes = scan_images(cfg.class_data_dir, cfg.class_prompt, "class")[: cfg.num_class_images]
 
@@ -359,8 +358,8 @@ def _train(cfg, accelerator, instances, resume_from, pipe, on_step) -> TrainResu
             return None, []
         for model in components.values():
             model.eval()
-        with accelerator.autocast():
-            rows = generate_samples(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.resolution, cfg.num_inference_steps, cfg.seed)
+        rows = generate_samples(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.resolution,
+                                cfg.num_inference_steps, cfg.seed, accelerator.autocast)
         for model in components.values():
             model.train()
         grid, images = save_samples(rows, out / "samples", tag)

@@ -3,25 +3,43 @@ and as a grid (rows = prompts, columns = seeds) with diffusers' `make_image_grid
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from diffusers.utils import make_image_grid
 
 
-def generate_samples(pipeline, prompts: list[str], num_images: int, resolution: int, steps: int, seed: int) -> list[list]:
-    """[prompt][i] PIL images; image i of every prompt uses seed + i. The global RNG is left as it
-    was, so sampling in the middle of a run does not change the rest of the run."""
-    rows = []
+def latent_stats(vae_config, like: torch.Tensor):
+    """(latents_mean, latents_std) as tensors shaped like `like`'s channels, or None when the VAE has none."""
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1) for v in (mean, std))
+
+
+def generate_images(pipeline, prompts: list[str], generators: list, resolution: int, steps: int, autocast=contextlib.nullcontext) -> list:
+    """PIL images. Denoising runs under `autocast` (mixed precision); the VAE decodes outside it in
+    its own dtype, because SDXL's VAE overflows in fp16 (the pipeline would only upcast an fp16 VAE).
+    The global RNG is left as it was, so sampling mid-run does not change the rest of the run."""
+    vae = pipeline.vae
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for prompt in prompts:
-            generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
-            rows.append(
-                pipeline(
-                    [prompt] * num_images, num_inference_steps=steps, height=resolution, width=resolution, generator=generators
-                ).images
-            )
-    return rows
+        with autocast():
+            latents = pipeline(prompts, num_inference_steps=steps, height=resolution, width=resolution,
+                               generator=generators, output_type="latent").images
+        latents = latents.to(vae.dtype)
+        stats = latent_stats(vae.config, latents)
+        latents = latents / vae.config.scaling_factor if stats is None else latents * stats[1] / vae.config.scaling_factor + stats[0]
+        return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+
+def generate_samples(pipeline, prompts: list[str], num_images: int, resolution: int, steps: int, seed: int, autocast=contextlib.nullcontext) -> list[list]:
+    """[prompt][i] PIL images; image i of every prompt uses seed + i."""
+    return [
+        generate_images(pipeline, [prompt] * num_images, [torch.Generator().manual_seed(seed + i) for i in range(num_images)],
+                        resolution, steps, autocast)
+        for prompt in prompts
+    ]
 
 
 def save_samples(rows: list[list], folder: Path, tag: str) -> tuple[Path, list[Path]]:
