@@ -5,8 +5,8 @@ ours. Once loaded, an adapter lives in PEFT's layers (our `GraloraLinear`), so d
 calls (`cross_attention_kwargs={"scale": s}`, `set_adapters`, `fuse_lora`) keep working on it.
 
 Loading is atomic: the file, its header and every tensor are checked against the pipeline's
-modules and widths first; then PEFT injects the layers with `low_cpu_mem_usage=True` (weights on
-the meta device, no random init) and `set_peft_model_state_dict` places the file's tensors. If
+modules and widths first; then PEFT injects the layers with `low_cpu_mem_usage=True` (their
+weights stay on the meta device) and `set_peft_model_state_dict` assigns the file's tensors. If
 that still fails, the half-injected adapter is removed and the pipeline is as it was.
 
 The `*_gralora*` methods touch GraLoRA layers only: a LoRA loaded beside with `load_lora_weights`
@@ -72,7 +72,7 @@ def resolve_adapter(source, weight_name: str | None = None, **kwargs) -> Adapter
         raise AdapterFileError(f"Cannot load an adapter from a {type(source).__name__}: pass a file, a folder, "
                                "a Hub repo id, a state dict with gralora_configs=..., or an AdapterFile.")
     subfolder = kwargs.get("subfolder")
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.exists():
         path = path / subfolder if subfolder else path
         if path.is_file():
@@ -545,12 +545,14 @@ class GraloraLoaderMixin:
                         f"{component}.{names.get(id(layer), '?')}: fusing GraLoRA adapter(s) {todo} at scale {gralora_scale} "
                         "gives NaN/Inf weights; the adapter is broken. Nothing was fused."
                     )
+        sharing = _tuners_by_weight(self._gralora_components(components).values())
         for _, layer, todo in plan:
             state = getattr(layer, "_gralora_fuse_state", None)
             if state is None or not layer.merged:  # first fuse on this layer: remember how to undo it
                 weight = layer.get_base_layer().weight
                 backup = weight.detach().to("cpu", copy=True) if exact_unfuse else None
-                state = layer._gralora_fuse_state = {"scaling": dict(layer.scaling), "backup": backup}
+                state = layer._gralora_fuse_state = {"scaling": dict(layer.scaling), "backup": backup,
+                                                     "others": _others_merged(layer, sharing)}
             for adapter in todo:
                 layer.scaling[adapter] *= gralora_scale
             layer.merge(adapter_names=todo)
@@ -560,8 +562,10 @@ class GraloraLoaderMixin:
 
     def unfuse_gralora(self, components=None) -> None:
         """Undo `fuse_gralora`: base weights back (bit for bit with exact_unfuse) and adapter scales back."""
-        for layer in self._all_gralora_layers(components):
-            _unfuse_layer(layer)
+        models = self._gralora_components(components).values()
+        sharing = _tuners_by_weight(models)
+        for layer in (layer for model in models for layer in _gralora_layers(model)):
+            _unfuse_layer(layer, sharing)
         merged = {a for m in self._gralora_components().values() for t in m.modules()
                   if isinstance(t, BaseTunerLayer) for a in t.merged_adapters}
         if hasattr(self, "_merged_adapters"):
@@ -571,8 +575,8 @@ class GraloraLoaderMixin:
 
     def disable_gralora(self) -> None:
         """Run without GraLoRA adapters (fused ones are unfused first); LoRA adapters stay on."""
+        self.unfuse_gralora()  # exactly; PEFT's forward would otherwise unmerge by subtraction
         for layer in self._all_gralora_layers():
-            _unfuse_layer(layer)
             layer.enable_adapters(False)
 
     def enable_gralora(self) -> None:
@@ -592,13 +596,30 @@ class _OnlyGraloraLayers:
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, GraloraLayer)]
 
 
-def _unfuse_layer(layer) -> None:
-    """Unmerge one GraLoRA layer: from the CPU copy when nothing else touched the weight since
-    `fuse_gralora` (bit-exact), else by subtraction; then the pre-fuse scales come back."""
+def _tuners_by_weight(models) -> dict[int, list]:
+    """Adapter layers grouped by the base Linear they wrap (a LoRA and a GraLoRA layer nested on one
+    module share it, whichever wraps the other)."""
+    groups: dict[int, list] = {}
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                groups.setdefault(id(module.get_base_layer()), []).append(module)
+    return groups
+
+
+def _others_merged(layer, sharing) -> tuple:
+    """What the other adapter layers on this layer's weight have merged into it."""
+    return tuple((id(t), tuple(t.merged_adapters)) for t in sharing.get(id(layer.get_base_layer()), []) if t is not layer)
+
+
+def _unfuse_layer(layer, sharing) -> None:
+    """Unmerge one GraLoRA layer: from the CPU copy when nothing else merged into or unmerged from
+    the weight since `fuse_gralora` (bit-exact), else by subtraction; then the pre-fuse scales return."""
     state = layer.__dict__.pop("_gralora_fuse_state", None)
     if layer.merged:
         backup = state and state["backup"]
-        if backup is not None and state["merged"] == layer.merged_adapters and not _other_merged_tuner(layer):
+        if (backup is not None and state["merged"] == layer.merged_adapters
+                and state["others"] == _others_merged(layer, sharing)):
             with torch.no_grad():
                 layer.get_base_layer().weight.copy_(backup)
             layer.merged_adapters.clear()
@@ -608,16 +629,6 @@ def _unfuse_layer(layer) -> None:
         for adapter, scaling in state["scaling"].items():
             if adapter in layer.scaling:
                 layer.scaling[adapter] = scaling
-
-
-def _other_merged_tuner(layer) -> bool:
-    """A LoRA layer sharing this base weight (nested under the GraLoRA layer) has merged adapters."""
-    module = layer.base_layer
-    while isinstance(module, BaseTunerLayer):
-        if module.merged:
-            return True
-        module = module.base_layer
-    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -337,6 +337,18 @@ def test_gralora_beside_a_diffusers_lora(source, lora_folder, gralora_first):
     pipe.unfuse_gralora()
     pipe.set_gralora_adapters("g", 1.0)
     torch.testing.assert_close(outputs(pipe), both, atol=1e-6, rtol=0)
+    # the LoRA fused after the GraLoRA: unfusing the GraLoRA must not take the LoRA's delta with it
+    weight = layer.get_base_layer().weight
+    unfused = weight.detach().clone()
+    pipe.fuse_gralora()
+    pipe.fuse_lora(components=["unet"], adapter_names=["lora"])
+    pipe.unfuse_gralora()
+    torch.testing.assert_close(weight - unfused, lora_layer.get_delta_weight("lora"), atol=1e-6, rtol=1e-5)
+    pipe.unfuse_lora(components=["unet"])
+    torch.testing.assert_close(weight, unfused, atol=1e-6, rtol=0)  # diffusers' unfuse subtracts: rounding
+    pipe.disable_gralora()
+    lora_only = outputs(pipe)
+    pipe.enable_gralora()
     pipe.unload_gralora_weights()
     assert torch.equal(outputs(pipe), lora_only)
     assert pipe.get_list_adapters() == {"unet": ["lora"]}
