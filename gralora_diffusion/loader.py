@@ -15,6 +15,7 @@ keeps its layers, its active adapters and its weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -355,6 +356,33 @@ def _load_steps(steps: list[_Step], adapter_name: str, source: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _offloading_paused(pipe):
+    """Accelerate's CPU-offload hooks off while layers are injected, then on again, as diffusers'
+    `load_lora_weights` does (its own helper); here also when loading fails."""
+    from diffusers import DiffusionPipeline
+    from diffusers.loaders.lora_base import _func_optionally_disable_offloading
+
+    if not isinstance(pipe, DiffusionPipeline):
+        yield
+        return
+    model_offload, sequential_offload, group_offload = _func_optionally_disable_offloading(pipe)
+    try:
+        yield
+    finally:
+        device = getattr(pipe, "_offload_device", None)  # the device offloading was enabled for
+        if model_offload:
+            pipe.enable_model_cpu_offload(device=device)
+        elif sequential_offload:
+            pipe.enable_sequential_cpu_offload(device=device)
+        elif group_offload:
+            from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+            for component in pipe.components.values():
+                if isinstance(component, nn.Module):
+                    _maybe_remove_and_reapply_group_offloading(component)
+
+
 # ---------------------------------------------------------------------------------------------
 # The mixin
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +466,8 @@ class GraloraLoaderMixin:
             model = present[component]
             check_fits(model, component, config, adapter.state_dicts[component], source)
             steps.append(_Step(component, model, config, adapter.state_dicts[component]))
-        _load_steps(steps, adapter_name, source)
+        with _offloading_paused(self):
+            _load_steps(steps, adapter_name, source)
         return adapter_name
 
     def _next_adapter_name(self) -> str:

@@ -154,6 +154,16 @@ def test_patch_pipeline_and_the_sdxl_class(source):
         gd.patch_pipeline(object())
 
 
+def test_load_into_a_pipeline_with_model_cpu_offload(source):
+    """Accelerate's offload hooks come off for the injection and back on after, as in diffusers."""
+    src, folder, _ = source
+    pipe = fresh()
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks work on a CPU-only machine too
+    pipe.load_gralora_weights(folder)
+    assert all(hasattr(getattr(pipe, c), "_hf_hook") for c in COMPONENTS)
+    assert torch.equal(outputs(pipe), outputs(src))
+
+
 # --- names, activity, deletion --------------------------------------------------------------------
 
 

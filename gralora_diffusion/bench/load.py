@@ -60,7 +60,7 @@ def run(args) -> dict:
         cases = {
             "load_lora_weights (LoRA)": lambda: fresh["pipe"].load_lora_weights(lora),
             "load_gralora_weights (GraLoRA)": lambda: fresh["pipe"].load_gralora_weights(gralora),
-            "naive: inject random, then copy": naive,
+            "naive: random init, then copy (no file, no checks)": naive,
         }
         samples = time_interleaved(cases, reps, 1, device, before=before, clock=args.clock)
     stats = {name: summarize(s) for name, s in samples.items()}
