@@ -166,8 +166,17 @@ def inject_config(model: nn.Module, config: GraloraConfig, adapter_name: str, lo
         inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     upgrade_gralora_layers(model)
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
+        # GraLoRA layers only: a diffusers LoRA loaded beside keeps its own active adapters.
+        if isinstance(module, GraloraLinear):
             module.set_adapter(adapter_name)
+
+
+def check_adapter_name(adapter_name) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise GraloraConfigError(f"adapter_name={adapter_name!r}: use a non-empty string without dots.")
+    if hasattr(nn.ParameterDict(), adapter_name) or hasattr(nn.ModuleDict(), adapter_name):
+        # PEFT keeps the weights in ParameterDicts keyed by adapter name: 'half', 'to', ... clash
+        raise GraloraConfigError(f"adapter_name={adapter_name!r} is the name of a torch Module attribute; pick another.")
 
 
 def prepare_component(model: nn.Module, component: str, settings: AdapterSettings, targets, presets, adapter_name: str):
@@ -200,6 +209,7 @@ def add_gralora(
     """
     settings = AdapterSettings(r=r, gralora_k=gralora_k, alpha=alpha, hybrid_r=hybrid_r, dropout=dropout)
     settings.check()
+    check_adapter_name(adapter_name)
     plan = []
     if isinstance(pipe_or_model, nn.Module):
         is_text = hasattr(pipe_or_model, "config") and hasattr(pipe_or_model.config, "vocab_size")

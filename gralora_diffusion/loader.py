@@ -19,7 +19,6 @@ import contextlib
 import copy
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from .adapter_file import (
     to_flat_state_dict,
 )
 from .errors import AdapterFileError, GraloraConfigError
-from .inject import _matched_modules, _plain_modules, existing_adapter_names, upgrade_gralora_layers
+from .inject import _matched_modules, _plain_modules, check_adapter_name, existing_adapter_names, inject_config
 
 HUB_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download")
 DICT_KWARGS = ("gralora_configs", "metadata")
@@ -298,18 +297,11 @@ class _ModelState:
 
 
 def _inject(model: nn.Module, config: GraloraConfig, adapter_name: str) -> None:
-    """Like `inject.inject_config` with `low_cpu_mem_usage=True`, but the new adapter becomes active
-    on GraLoRA layers only (PEFT's own rule): a diffusers LoRA beside keeps its active adapters."""
-    if hasattr(model, "_hf_peft_config_loaded"):
-        model._hf_peft_config_loaded = True
     # low_cpu_mem_usage: adapter weights are not copied in but assigned from the file. PEFT's GraLoRA
     # layer still kaiming-initialises A and B (it builds them with torch.empty before registering
     # them); injecting under torch.device("meta") would skip that, but its dispatch overhead made
     # loading 1.7x slower on the tiny pipeline and no faster at SDXL widths on CPU, so we do not.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=True)
-    upgrade_gralora_layers(model)
+    inject_config(model, config, adapter_name, low_cpu_mem_usage=True)
 
 
 def remove_gralora_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -440,11 +432,8 @@ class GraloraLoaderMixin:
         source = adapter.source
         if adapter_name is None:
             adapter_name = self._next_adapter_name()
-        elif not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise GraloraConfigError(f"adapter_name={adapter_name!r}: use a non-empty string without dots.")
-        elif hasattr(nn.ParameterDict(), adapter_name) or hasattr(nn.ModuleDict(), adapter_name):
-            # PEFT keeps the weights in ParameterDicts keyed by adapter name: 'half', 'to', ... clash
-            raise GraloraConfigError(f"adapter_name={adapter_name!r} is the name of a torch Module attribute; pick another.")
+        else:
+            check_adapter_name(adapter_name)
         taken = {c: sorted(existing_adapter_names(m)) for c, m in self._gralora_components().items()}
         if any(adapter_name in names for names in taken.values()):
             raise GraloraConfigError(

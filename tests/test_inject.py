@@ -97,3 +97,20 @@ def test_existing_adapter_name_is_refused_and_kept(tiny_pipe):
     with pytest.raises(GraloraConfigError, match="an adapter named 'mine' already exists"):
         gd.add_gralora(tiny_pipe, r=8, adapter_name="mine")
     assert torch.equal(layer.gralora_A["mine"], A) and layer.r["mine"] == 4
+
+
+@pytest.mark.parametrize("name", ["half", "to", "a.b", ""])
+def test_adapter_names_that_clash_with_torch_are_refused(tiny_pipe, name):
+    with pytest.raises(GraloraConfigError, match="adapter_name="):
+        gd.add_gralora(tiny_pipe, r=4, adapter_name=name)
+    assert not gralora_module_names(tiny_pipe.unet)
+
+
+def test_add_gralora_keeps_a_lora_beside_active(tiny_pipe):
+    from peft import LoraConfig
+
+    tiny_pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q"]), adapter_name="lora")
+    gd.add_gralora(tiny_pipe, r=4, unet_targets=["to_k"], adapter_name="gra")
+    attn = tiny_pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert attn.to_q.active_adapters == ["lora"]
+    assert attn.to_k.active_adapters == ["gra"]
