@@ -1,5 +1,6 @@
 """The trainer under real launchers: 2 processes on CPU (torchrun, gloo) end with identical adapter
-weights on both ranks; `accelerate launch` runs the thin script with 1 process.
+weights on both ranks; the thin script, killed with SIGKILL and resumed, ends with the adapter that
+an uninterrupted `accelerate launch` of it writes.
 
 Run as a script (by the 2-process test), this file trains and writes each rank's adapter weights.
 """
@@ -46,18 +47,46 @@ def test_two_processes_end_with_identical_adapters(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_runs_the_script(tmp_path, tiny_dir):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "train_dreambooth_gralora_sdxl.py"),
-               "--pretrained_model_name_or_path", str(tiny_dir), "--instance_data_dir", str(ROOT / "samples"),
-               "--instance_prompt", PROMPT, "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "2",
-               "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--seed", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env(), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_a_killed_run_resumes_to_the_adapter_of_an_uninterrupted_one(tmp_path, tiny_dir):
+    """The thin script: once under `accelerate launch` uninterrupted, once SIGKILLed at whatever moment
+    follows checkpoint-8 and resumed with `--resume_from_checkpoint latest`. Same adapter, bit for bit."""
+    import signal
+    import time
+
     from gralora_diffusion.adapter_file import read_adapter_file
 
-    adapter = read_adapter_file(tmp_path / "out" / "pytorch_gralora_weights.safetensors")
-    assert adapter.metadata["base_model"] == str(tiny_dir) and adapter.metadata["instance_prompt"] == PROMPT
+    script = str(ROOT / "scripts" / "train_dreambooth_gralora_sdxl.py")
+
+    def flags(name, *extra):
+        return ["--pretrained_model_name_or_path", str(tiny_dir), "--instance_data_dir", str(ROOT / "samples"),
+                "--instance_prompt", PROMPT, "--output_dir", str(tmp_path / name), "--resolution", "64",
+                "--train_batch_size", "1", "--max_train_steps", "20", "--checkpointing_steps", "4", "--learning_rate", "1e-3",
+                "--rank", "8", "--seed", "0", "--random_flip", "--report_to", "none", *extra]
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    whole = subprocess.Popen(launcher + [script] + flags("whole"), env=_env(), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path / "killed.log", "w")
+    killed = subprocess.Popen([sys.executable, script] + flags("killed"), env=_env(), cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=log)
+    marker = tmp_path / "killed" / "checkpoint-8" / "training_state.json"
+    deadline = time.monotonic() + 180
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    code = killed.wait()
+    log.close()
+    assert code == -signal.SIGKILL, f"the run ended (code {code}) before it could be killed: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+    assert not (tmp_path / "killed" / "pytorch_gralora_weights.safetensors").exists()
+    resumed = subprocess.run([sys.executable, script] + flags("killed", "--resume_from_checkpoint", "latest"),
+                             env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert whole.wait(timeout=240) == 0, whole.stderr.read()[-3000:]
+    a, b = (read_adapter_file(tmp_path / name / "pytorch_gralora_weights.safetensors") for name in ("whole", "killed"))
+    assert a.metadata["base_model"] == str(tiny_dir) and a.metadata["instance_prompt"] == PROMPT
+    sa, sb = a.state_dicts["unet"], b.state_dicts["unet"]
+    assert sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
 
 
 if __name__ == "__main__":  # one rank of the 2-process test
@@ -71,4 +100,4 @@ if __name__ == "__main__":  # one rank of the 2-process test
     cfg = TrainConfig(**json.loads(sys.argv[1]))
     result = train(cfg)
     weights = {k: v.contiguous() for k, v in get_peft_model_state_dict(result.components["unet"]).items()}
-    save_file(weights, Path(cfg.output_dir) / f"rank{os.environ['RANK']}.safetensors")
+    save_file(weights, Path(cfg.output_dir) / f"rank{os.environ.get('RANK', '0')}.safetensors")
