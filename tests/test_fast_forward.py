@@ -116,12 +116,12 @@ def test_disabled_and_merged():
 @pytest.mark.parametrize("hybrid_r", [0, 4])
 def test_bf16(hybrid_r):
     model, ours = peft_and_ours(k=2, hybrid_r=hybrid_r, dtype=torch.bfloat16)
-    assert_same(model, ours, torch.randn(2, 7, 64, dtype=torch.bfloat16), tol=2e-2)
+    assert_same(model, ours, torch.randn(2, 7, 64, dtype=torch.bfloat16), tol=1e-2)
 
 
 def test_bf16_base_with_fp32_adapter():
     model, ours = peft_and_ours(k=2, hybrid_r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
-    assert_same(model, ours, torch.randn(2, 7, 64, dtype=torch.bfloat16), tol=2e-2)
+    assert_same(model, ours, torch.randn(2, 7, 64, dtype=torch.bfloat16), tol=1e-2)
 
 
 def test_no_grad_inference_mode_and_frozen_input():
@@ -137,3 +137,26 @@ def test_no_grad_inference_mode_and_frozen_input():
     ours(x).sum().backward()  # input without grad, as the first adapted layer sees it
     assert ours.proj.gralora_A["default"].grad is not None
     assert torch.allclose(base.weight.grad, ref_grad)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, inner, use_reentrant):
+        super().__init__()
+        self.inner, self.use_reentrant = inner, use_reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing(use_reentrant):
+    """The trainer's gradient checkpointing re-runs the forward in backward: same gradients."""
+    _, ours = peft_and_ours(k=2, hybrid_r=4)
+    x = torch.randn(2, 7, 64)
+    out_ref, grads_ref = run(ours, x)
+    ours.zero_grad(set_to_none=True)
+    out, grads = run(Checkpointed(ours, use_reentrant), x)
+    assert rel(out, out_ref) <= 1e-6
+    assert {n.removeprefix("inner."): g for n, g in grads.items()}.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert rel(grad, grads_ref[name.removeprefix("inner.")]) <= 1e-6, name

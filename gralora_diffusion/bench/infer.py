@@ -19,7 +19,9 @@ def pipeline(device, dtype, adapter: str | None, r: int, k: int):
     """The tiny pipeline; `adapter`: None, "ours", "peft" (PEFT's layer class) or "fused"."""
     pipe = tiny_sdxl_pipeline(seed=0)
     if adapter is not None:
-        add_gralora(pipe, r=r, gralora_k=k, unet_targets="attn+ff", text_encoder_targets="attn")
+        with torch.random.fork_rng(devices=[]):  # the same A (random init) in every variant
+            torch.manual_seed(0)
+            add_gralora(pipe, r=r, gralora_k=k, unet_targets="attn+ff", text_encoder_targets="attn")
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # B starts at zero; random values make the adapter act
             for c in COMPONENTS:
