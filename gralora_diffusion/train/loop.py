@@ -210,7 +210,7 @@ def _train(cfg, accelerator, instances, resume_from, pipe, on_step) -> TrainResu
     out, device = Path(cfg.output_dir), accelerator.device
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
+        for stale in [*out.glob(".tmp-checkpoint-*"), *out.glob(".old-checkpoint-*")]:  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -88,9 +88,13 @@ def write_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limi
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_NAME).write_text(json.dumps(state))
-        if final.exists():  # left by an earlier run that got further: replace it
-            shutil.rmtree(final)
+        stale = output_dir / f".old-checkpoint-{step}"
+        if final.exists():  # left by an earlier run that got further: move it aside whole, never half-delete it
+            if stale.exists():
+                shutil.rmtree(stale)
+            final.rename(stale)
         tmp.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
         if limit:
             for old in complete_checkpoints(output_dir)[:-limit]:
                 if old != final:
