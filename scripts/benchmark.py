@@ -33,6 +33,7 @@ def parse(argv=None) -> argparse.Namespace:
                         help="layer: (r, k) = (32, 2), (128, 4) as the paper pairs them, or all four of r in {32, 128}, k in {2, 4}")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per case (medians over these)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--size_gib", type=float, default=1.1, help="large_load: size of the adapter file to load")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: this process's CPU time, for a CPU shared with other work (use with --threads 1)")
     return parser.parse_args(argv)
