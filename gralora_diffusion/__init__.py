@@ -1,47 +1,56 @@
-"""gralora-diffusion: GraLoRA (Granular Low-Rank Adaptation) adapters for Stable Diffusion XL."""
+"""gralora-diffusion: GraLoRA (Granular Low-Rank Adaptation) adapters for Stable Diffusion XL.
 
-from . import adapter_file
+Names are imported on first use (PEP 562), so `import gralora_diffusion` and the command line's
+`--help` stay fast and do not import torch/diffusers until something needs them.
+"""
+
+from importlib import import_module
+
 from .errors import AdapterFileError, GraloraConfigError, GraloraError
-from .inject import TEXT_ENCODER_PRESETS, UNET_PRESETS, add_gralora
-from .layer import GraloraLinear
-from .adapter_file import WEIGHT_NAME, AdapterFile, read_adapter_file, save_adapter_file
-from .loader import GraloraLoaderMixin, GraloraStableDiffusionXLPipeline, patch_pipeline
-from .summary import adapter_summary, format_summary
-from .tiny import save_tiny_sdxl, tiny_sdxl_pipeline
-from .export import ExportError, ExportReport, export_lora
-from .info import adapter_info, format_info
-from .generate import GenerateResult, generate_samples
-from .hub import HubError, push_to_hub, save_model_card
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterFileError",
-    "GraloraConfigError",
-    "GraloraError",
-    "GraloraLinear",
-    "AdapterFile",
-    "GraloraLoaderMixin",
-    "GraloraStableDiffusionXLPipeline",
-    "WEIGHT_NAME",
-    "patch_pipeline",
-    "read_adapter_file",
-    "save_adapter_file",
-    "TEXT_ENCODER_PRESETS",
-    "UNET_PRESETS",
-    "adapter_summary",
-    "add_gralora",
-    "format_summary",
-    "save_tiny_sdxl",
-    "tiny_sdxl_pipeline",
-    "ExportError",
-    "ExportReport",
-    "export_lora",
-    "adapter_info",
-    "format_info",
-    "GenerateResult",
-    "generate_samples",
-    "HubError",
-    "push_to_hub",
-    "save_model_card",
-]
+# public name -> module that defines it
+_LAZY = {
+    "adapter_file": None,  # the module itself
+    "TEXT_ENCODER_PRESETS": "inject",
+    "UNET_PRESETS": "inject",
+    "add_gralora": "inject",
+    "GraloraLinear": "layer",
+    "WEIGHT_NAME": "adapter_file",
+    "AdapterFile": "adapter_file",
+    "read_adapter_file": "adapter_file",
+    "save_adapter_file": "adapter_file",
+    "GraloraLoaderMixin": "loader",
+    "GraloraStableDiffusionXLPipeline": "loader",
+    "patch_pipeline": "loader",
+    "adapter_summary": "summary",
+    "format_summary": "summary",
+    "save_tiny_sdxl": "tiny",
+    "tiny_sdxl_pipeline": "tiny",
+    "ExportError": "export",
+    "ExportReport": "export",
+    "export_lora": "export",
+    "adapter_info": "info",
+    "format_info": "info",
+    "GenerateResult": "generate",
+    "generate_samples": "generate",
+    "HubError": "hub",
+    "push_to_hub": "hub",
+    "save_model_card": "hub",
+}
+
+__all__ = ["AdapterFileError", "GraloraConfigError", "GraloraError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gralora_diffusion' has no attribute {name!r}")
+    module = import_module(f".{_LAZY[name] or name}", __name__)
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
