@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except (GraloraError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         if args.debug:
             raise
-        print(f"gralora-diffusion {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, always
+        print(f"gralora-diffusion {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gralora-diffusion {args.command}: interrupted", file=sys.stderr)

@@ -266,10 +266,14 @@ def resolve_dtype(dtype, adapter: AdapterFile) -> torch.dtype:
     raise ExportError(f"dtype={dtype!r}: pick one of fp32, fp16, bf16.")
 
 
+def _check_rank(rank) -> None:
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ExportError(f"rank={rank!r}: the LoRA rank must be an integer >= 1 (or omitted for the exact export).")
+
+
 def _export_ranks(adapter: AdapterFile, rank: int | None) -> list[tuple[str, str, dict, int, int, int]]:
     """(component, module, tensors, in, out, rank written) for every module; checks `rank` first."""
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise ExportError(f"rank={rank!r}: the LoRA rank must be an integer >= 1 (or None for the exact export).")
+    _check_rank(rank)
     plan = []
     for component, state_dict in adapter.state_dicts.items():
         config = adapter.configs[component]
@@ -369,11 +373,22 @@ def export_lora(
     the adapter's). max_size: bytes; a larger export is refused before anything is written.
     layers_per_block: the UNet's (kohya names only; default from the base model, else SDXL's 2).
     """
+    # the arguments first: nonsense fails before the adapter is read or downloaded
     if format not in FORMATS:
         raise ExportError(f"format={format!r}: pick one of {', '.join(FORMATS)}.")
+    _check_rank(rank)
+    if dtype is not None:
+        resolve_dtype(dtype, None)  # checks the name; only dtype=None needs the adapter
+    if max_size is not None and max_size <= 0:
+        raise ExportError(f"max_size={max_size!r}: give a positive size (--max-size is in MB).")
+    if layers_per_block is not None and (not isinstance(layers_per_block, int) or layers_per_block < 1):
+        raise ExportError(f"layers_per_block={layers_per_block!r}: the UNet's layers per block, an integer >= 1 (SDXL: 2).")
+    dst = Path(dst)
+    blocker = next((p for p in [dst.parent, *dst.parent.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ExportError(f"{dst}: {blocker} is a file, not a folder; pick an output path in a folder.")
     adapter = resolve_adapter(src)
     out_dtype = resolve_dtype(dtype, adapter)
-    dst = Path(dst)
     if dst.is_dir():
         dst = dst / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)
     if dst.resolve() == Path(str(adapter.source)).resolve():

@@ -8,6 +8,7 @@ the adapters are fused at scale s for the column and unfused after it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ def parse_scales(text: str) -> list[float]:
 
 def read_prompts(path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
+    if not Path(path).is_file():
+        raise GraloraConfigError(f"--prompts-file {path}: no such file (one prompt per line).")
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
@@ -73,11 +76,25 @@ def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
 
 
+def check_adapter_paths(paths) -> None:
+    """Local adapters that do not exist fail before the (slow) base model loads."""
+    from .errors import AdapterFileError
+    from .loader import _looks_like_path
+
+    for path in paths:
+        if isinstance(path, (str, os.PathLike)) and not Path(path).expanduser().exists() and _looks_like_path(str(path)):
+            raise AdapterFileError(f"{path}: no such adapter file or folder (and not a Hub repo id).")
+
+
 def load_base_pipeline(base_model: str, device=None, dtype=None):
     """`tiny` (the embedded random-weights SDXL), a Hub id or a local folder; with the GraLoRA methods."""
     from .loader import patch_pipeline
 
     device, dtype = default_device_dtype(device, dtype)
+    if base_model != TINY:
+        from .train.config import check_model_path
+
+        check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
     if base_model == TINY:
         from .tiny import tiny_sdxl_pipeline
 
@@ -151,6 +168,12 @@ def generate_samples(
         raise GraloraConfigError("Give at least one seed and one scale.")
     if steps < 1:
         raise GraloraConfigError(f"steps={steps}: at least 1.")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value < 8 or value % 8):
+            raise GraloraConfigError(f"{name}={value}: must be a positive multiple of 8 (the VAE downsamples by 8).")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise GraloraConfigError(f"output_dir {output_dir}: is a file, not a folder; give a folder path (created if missing).")
+    check_adapter_paths([path for path, _ in adapters])
     if pipe is None:
         pipe = load_base_pipeline(base_model, device, dtype)
     names = [pipe.load_gralora_weights(path, adapter_name=f"adapter_{i}") for i, (path, _) in enumerate(adapters)]

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .adapter_file import WEIGHT_NAME, atomic_write, read_adapter_file
-from .errors import GraloraError
+from .errors import AdapterFileError, GraloraError
 from .export import DIFFUSERS_WEIGHT_NAME, export_lora, format_size
 from .info import adapter_info
 
@@ -178,6 +178,9 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise AdapterFileError(f"{folder}: {what}; give the folder holding {WEIGHT_NAME} (a training --output_dir).")
     read_adapter_file(folder / WEIGHT_NAME)  # refuse a folder without a valid adapter before any network call
     if not (folder / CARD_NAME).is_file():
         save_model_card(folder, repo_id=repo_id)

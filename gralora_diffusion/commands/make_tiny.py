@@ -9,10 +9,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from ..errors import GraloraConfigError
     from ..tiny import save_tiny_sdxl
 
-    if args.directory.exists() and not args.directory.is_dir():
-        raise NotADirectoryError(f"{args.directory} exists and is not a folder; give a folder path.")
+    blocker = next((p for p in [args.directory, *args.directory.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise GraloraConfigError(f"{args.directory}: {blocker} exists and is not a folder; give a folder path.")
     save_tiny_sdxl(args.directory, seed=args.seed)
     print(f"Wrote the tiny SDXL pipeline (seed {args.seed}) to {args.directory}/")
     print(f"Use it anywhere a model id goes, e.g. --pretrained_model_name_or_path {args.directory}")

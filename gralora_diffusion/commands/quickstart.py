@@ -18,22 +18,26 @@ def run(args) -> int:
 
     from ..tiny import save_tiny_sdxl
     from ..train import TrainConfig, train
+    from ..train.data import scan_images
 
     # The tiny model's ops are so small that extra threads cost more than they give on a busy CPU.
     torch.set_num_threads(1)
     _quiet_loading_bars()
     start = time.perf_counter()
     out = args.output_dir
-    print(f"1/3 Writing the tiny SDXL (random weights, built offline) to {out / 'tiny-sdxl'} ...")
-    base = save_tiny_sdxl(out / "tiny-sdxl", seed=args.seed)
-    print(f"2/3 Training a GraLoRA adapter (r=8, k=2) on {args.instance_data_dir} for {args.max_train_steps} steps at 64 px, batch 2 ...")
+    base = out / "tiny-sdxl"
     cfg = TrainConfig(
         pretrained_model_name_or_path=str(base), instance_data_dir=str(args.instance_data_dir), instance_prompt=PROMPT,
         output_dir=str(out), resolution=64, random_flip=True, train_batch_size=2, max_train_steps=args.max_train_steps,
-        learning_rate=3e-3, rank=8, gralora_k=2, seed=args.seed, checkpointing_steps=args.max_train_steps,
+        learning_rate=3e-3, rank=8, gralora_k=2, seed=args.seed, checkpointing_steps=max(1, args.max_train_steps),
         validation_prompt=PROMPT, num_validation_images=4, num_inference_steps=8,
         report_to="tensorboard" if _has("tensorboard") else "none",
     )
+    cfg.validate(need_model=False)  # bad flags fail before anything is written
+    scan_images(cfg.instance_data_dir, cfg.instance_prompt)
+    print(f"1/3 Writing the tiny SDXL (random weights, built offline) to {base} ...")
+    save_tiny_sdxl(base, seed=args.seed)
+    print(f"2/3 Training a GraLoRA adapter (r=8, k=2) on {args.instance_data_dir} for {args.max_train_steps} steps at 64 px, batch 2 ...")
     result = train(cfg)
     n = max(1, min(10, len(result.losses) // 2))
     first, last = sum(result.losses[:n]) / n, sum(result.losses[-n:]) / n

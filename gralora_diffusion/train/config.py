@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,15 @@ class TrainConfig:
             raise TrainConfigError("--push_to_hub uploads GraLoRA adapters; the --adapter lora baseline stays local.")
         if self.aspect_buckets:
             self.bucket_list()
+        if need_model:
+            check_model_path("--pretrained_model_name_or_path", self.pretrained_model_name_or_path, "model_index.json")
+        if self.pretrained_vae_model_name_or_path:
+            check_model_path("--pretrained_vae_model_name_or_path", self.pretrained_vae_model_name_or_path, "config.json")
+        for name in ("output_dir", "class_data_dir"):
+            value = getattr(self, name)
+            if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+                raise TrainConfigError(f"--{name} {value}: is a file, not a folder. Give a folder path (it is created if missing).")
+        self._check_targets()
         self._check_adapter()
         self._check_packages()
         if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest":
@@ -227,6 +237,25 @@ class TrainConfig:
             if choices and value not in choices:
                 raise TrainConfigError(f"--{f.name}={value!r}: choose one of {', '.join(choices)}.")
 
+    def _check_targets(self) -> None:
+        """Presets, module-name lists and regexes as `add_adapters` will read them; a bare word that is
+        no preset is a typo (as a regex it would only match a top-level module, never a Linear)."""
+        from ..inject import TEXT_ENCODER_PRESETS, UNET_PRESETS, resolve_targets
+
+        for name, presets in (("unet_targets", UNET_PRESETS), ("text_encoder_targets", TEXT_ENCODER_PRESETS)):
+            value = getattr(self, name)
+            if value not in presets and re.fullmatch(r"[\w+-]+", value):
+                close = difflib.get_close_matches(value, list(presets), n=1)
+                hint = f"Did you mean {close[0]}? " if close else ""
+                raise TrainConfigError(
+                    f"--{name} {value!r}: unknown preset. {hint}Use a preset ({', '.join(presets)}), module names "
+                    f"separated by commas (e.g. {','.join(presets['attn'][:2])}), or a regex (e.g. '.*{presets['attn'][0]}')."
+                )
+            try:
+                resolve_targets(self.targets(value), presets)
+            except GraloraConfigError as err:
+                raise TrainConfigError(f"--{name}: {err}") from None
+
     def _check_adapter(self) -> None:
         if self.adapter == "lora" and self.hybrid_r:
             raise TrainConfigError("--hybrid_r is a GraLoRA option; leave it at 0 with --adapter lora.")
@@ -249,6 +278,23 @@ class TrainConfig:
 
             if not torch.cuda.is_available():
                 raise TrainConfigError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
+
+
+def check_model_path(flag: str, value: str, marker: str, error: type[GraloraError] = TrainConfigError) -> None:
+    """A model given as a local folder must exist before diffusers is asked (it would try the Hub)."""
+    from ..loader import _looks_like_path  # the adapter loader's rule: Hub ids are `name` or `org/name`
+
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise error(f"{flag} {value}: is a file; give a model folder written by save_pretrained, or a Hub id.")
+        if not (path / marker).is_file():
+            raise error(f"{flag} {value}: no {marker} in this folder; give a folder written by save_pretrained, or a Hub id.")
+    elif _looks_like_path(value):
+        raise error(
+            f"{flag} {value}: no such folder. Give a local model folder (e.g. from `gralora-diffusion make-tiny DIR`) "
+            "or a Hub id such as stabilityai/stable-diffusion-xl-base-1.0."
+        )
 
 
 def read_config_file(path: Path) -> dict:

@@ -1,7 +1,10 @@
 """Training data: find the images and captions, turn each into a tensor plus SDXL's size conditioning.
 
-Scanning (`scan_images`) opens every file once, so unreadable ones are skipped with one warning line
-and a folder with nothing usable fails before any model loads. Pixels are read lazily, per item.
+Scanning (`scan_images`) reads every file's header once, never its pixels: size and EXIF rotation
+come from the header, a PNG's chunks are checked (CRC) without decoding. So indexing 100k images is
+cheap and memory stays flat, files that are not images are skipped with one warning line, and a
+folder with nothing usable fails before any model loads. Pixels are decoded lazily, per item; an
+image whose pixels turn out broken then (a truncated JPEG) stops training naming the file.
 Augmentation draws from a per-(seed, epoch, index) RNG, so an item is the same whenever it is read:
 that is what makes a resumed run and a cached-latents run see the very same data.
 """
@@ -12,6 +15,7 @@ import json
 import logging
 import math
 import random
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import TrainConfigError
+from .config import TrainConfigError, TrainingError
 
 logger = logging.getLogger("gralora_diffusion.train")
 
@@ -54,6 +58,23 @@ def load_image(path: Path) -> Image.Image:
         image.load()  # decodes fully: truncated files raise here
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
+
+
+# orientations 5-8 turn the picture by 90 degrees (ImageOps.exif_transpose swaps width and height)
+_TRANSPOSED = {5, 6, 7, 8}
+_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError)
+
+
+def displayed_size(path: Path) -> tuple[int, int]:
+    """(height, width) after EXIF rotation, from the file's header: no pixel is decoded."""
+    with Image.open(path) as image:  # parses the header only; refuses decompression bombs
+        width, height = image.size
+        # the base class's getexif reads what the header gave (PNG's own would decode the image
+        # to look for an eXIf chunk after the pixels)
+        orientation = Image.Image.getexif(image).get(0x0112, 1)
+        if image.format == "PNG":
+            image.verify()  # chunk CRCs and the end of the file, without decompressing
+    return (width, height) if orientation in _TRANSPOSED else (height, width)
 
 
 def _read_captions(folder: Path) -> dict[str, str]:
@@ -94,8 +115,8 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
     records, uncaptioned = [], []
     for path in files:
         try:
-            image = load_image(path)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            size = displayed_size(path)
+        except _UNREADABLE as err:
             logger.warning("warning: skipping %s: unreadable image (%s)", path, str(err).split("\n")[0])
             continue
         txt = path.with_suffix(".txt")
@@ -103,7 +124,7 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
         if not caption:
             uncaptioned.append(path.name)
             continue
-        records.append(ImageRecord(path=path, caption=caption, size=(image.height, image.width)))
+        records.append(ImageRecord(path=path, caption=caption, size=size))
     if uncaptioned:
         raise TrainConfigError(
             f"--{what}_prompt is missing and {len(uncaptioned)} image(s) in {folder} have no caption "
@@ -148,7 +169,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return example
 
     def _example(self, record: ImageRecord, target: tuple[int, int], rng: random.Random) -> dict:
-        image = load_image(record.path)
+        try:
+            image = load_image(record.path)
+        except _UNREADABLE as err:
+            raise TrainingError(
+                f"{record.path}: cannot decode the image ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
+                "Remove or replace it, then resume with --resume_from_checkpoint latest."
+            ) from None
         original = (image.height, image.width)
         th, tw = target
         scale = max(th / image.height, tw / image.width)  # cover the target; small images are upscaled
