@@ -16,7 +16,7 @@ PROMPT = "a photo of sks teapot"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A plain file, a folder with one image, and a real adapter file."""
+    """A plain file, a folder with one image, a real adapter file and a real (tiny) model folder."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("cli-errors")
@@ -26,6 +26,7 @@ def files(tmp_path_factory):
     pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
     gd.add_gralora(pipe, r=4, gralora_k=2)
     pipe.save_gralora_weights(root / "adapter")
+    gd.save_tiny_sdxl(root / "tiny")
     return root
 
 
@@ -34,13 +35,14 @@ def train_args(files, *extra):
             "--instance_prompt", PROMPT, "--report_to", "none", "--output_dir", str(files / "out"), *extra]
 
 
-def fails(capsys, argv) -> str:
-    """Run the command; it must exit 2 with one line `gralora-diffusion CMD: error: ...`."""
+def fails(capsys, argv, after_load: bool = False) -> str:
+    """Run the command; it must exit 2 with one line `gralora-diffusion CMD: error: ...` (after a model
+    load, diffusers' loading bars come before it on stderr: then the error is the last line)."""
     code = main(argv)
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    lines = err.strip().splitlines()[-1:] if after_load else err.strip().splitlines()
     assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
+    assert len(lines) == 1 and "Traceback" not in err and err.count(": error: ") == 1, err
     command = next(a for a in argv if not a.startswith("-"))
     assert lines[0].startswith(f"gralora-diffusion {command}: error: "), lines[0]
     return lines[0]
@@ -116,6 +118,14 @@ def test_nonsense_is_one_line_and_exit_2(files, capsys, build, words):
     line = fails(capsys, build(files))
     for word in words:
         assert word in line, line
+
+
+@pytest.mark.parametrize("adapter, words", [("gralora", ["match no module", "to_q"]),
+                                             ("lora", ["--unet_targets 'to_qq,to_vv' (unet)", "not found"])])
+def test_module_names_that_match_nothing_fail_after_the_model_loads(files, capsys, adapter, words):
+    line = fails(capsys, train_args(files, "--pretrained_model_name_or_path", str(files / "tiny"), "--adapter", adapter,
+                                    "--unet_targets", "to_qq,to_vv"), after_load=True)
+    assert all(word in line for word in words), line
 
 
 def test_nothing_is_written_or_loaded_on_bad_arguments(files, capsys, monkeypatch):

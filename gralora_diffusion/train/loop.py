@@ -86,8 +86,12 @@ def add_adapters(cfg: TrainConfig, pipe) -> dict:
             from peft import LoraConfig
 
             presets = UNET_PRESETS if name == "unet" else TEXT_ENCODER_PRESETS
-            model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, lora_dropout=cfg.dropout,
-                                         init_lora_weights="gaussian", target_modules=resolve_targets(targets, presets)))
+            try:
+                model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, lora_dropout=cfg.dropout,
+                                             init_lora_weights="gaussian", target_modules=resolve_targets(targets, presets)))
+            except ValueError as err:  # PEFT: the targets match no module (NoMatchingPeftModuleError from 0.20)
+                flag = "unet_targets" if name == "unet" else "text_encoder_targets"
+                raise TrainConfigError(f"--{flag} {getattr(cfg, flag)!r} ({name}): {str(err).splitlines()[0]}") from None
     return components
 
 
