@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from diffusers import StableDiffusionXLPipeline
-from peft import GraloraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft import GraloraConfig, set_peft_model_state_dict
 from peft.tuners.gralora.layer import GraloraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 

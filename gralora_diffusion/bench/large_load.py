@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,17 +92,8 @@ def child(spec: dict) -> dict:
     return {"rss_before_mib": before, "peak_mib": _peak_mib(), "rss_after_mib": _rss_mib(), "seconds": seconds}
 
 
-def _spawn(spec: dict) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "gralora_diffusion.bench.large_load", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"large_load benchmark {spec['mode']} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run(args) -> dict:
-    from .common import table
+    from .common import run_child, table
 
     quick = bool(getattr(args, "quick", False))
     size_gib = 0.05 if quick else float(getattr(args, "size_gib", None) or 1.1)
@@ -112,7 +102,7 @@ def run(args) -> dict:
         path = Path(tmp) / "big.safetensors"
         r = write_adapter(path, size_gib, width)
         file_mib = path.stat().st_size / 2**20
-        results = {mode: _spawn({"mode": mode, "path": str(path), "width": width})
+        results = {mode: run_child(["gralora_diffusion.bench.large_load"], {"mode": mode, "path": str(path), "width": width})
                    for mode in ("safetensors load_file", "load_gralora_weights")}
     rows = []
     for mode, res in results.items():

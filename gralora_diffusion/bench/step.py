@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,16 +94,8 @@ def child(spec: dict) -> dict:
         return times
 
 
-def _spawn(spec: dict, env: dict):
-    proc = subprocess.run([sys.executable, "-m", "gralora_diffusion.bench.step", "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"step benchmark {spec} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run(args) -> dict:
-    from .common import machine, summarize, table
+    from .common import machine, run_child, summarize, table
 
     import torch
 
@@ -113,13 +103,15 @@ def run(args) -> dict:
     spec = {"threads": getattr(args, "threads", None), "clock": getattr(args, "clock", "wall"), "dtype": getattr(args, "dtype", "fp32"),
             "steps": 3 if quick else 5, "rounds": 2 if quick else max(2, getattr(args, "reps", 10) or 10),
             "resolution": 64 if quick else 128, "batch": 1 if quick else 2}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    if str(getattr(args, "device", "cpu")).startswith("cpu"):
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    times = _spawn({**spec, "mode": "time"}, env)
+    cpu_only = str(getattr(args, "device", "cpu")).startswith("cpu")
+
+    def _spawn(child_spec):
+        return run_child(["gralora_diffusion.bench.step", "--child"], child_spec, cpu_only)
+
+    times = _spawn({**spec, "mode": "time"})
     stats = {}
     for name in VARIANTS:
-        stats[name] = {**summarize(times[name]), **_spawn({**spec, "mode": "memory", "variant": name}, env)}
+        stats[name] = {**summarize(times[name]), **_spawn({**spec, "mode": "memory", "variant": name})}
     base = stats["gralora"]["median_ms"]
     header = ["variant", "ms / step", "vs gralora", "spread", "peak RSS MiB", "peak - start MiB"]
     rows = [[n, f"{s['median_ms']:.1f}", f"{s['median_ms'] / base:.2f}×", f"{100 * s['spread']:.0f}%",
