@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "adapter_file": None,  # the module itself
-    "TEXT_ENCODER_PRESETS": "inject",
-    "UNET_PRESETS": "inject",
+    "TEXT_ENCODER_PRESETS": "constants",
+    "UNET_PRESETS": "constants",
     "add_gralora": "inject",
     "GraloraLinear": "layer",
-    "WEIGHT_NAME": "adapter_file",
+    "WEIGHT_NAME": "constants",
     "AdapterFile": "adapter_file",
     "read_adapter_file": "adapter_file",
     "save_adapter_file": "adapter_file",

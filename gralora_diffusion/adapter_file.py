@@ -24,17 +24,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .constants import COMPONENTS, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PICKLE_SUFFIXES
 from .errors import AdapterFileError
 
 FORMAT = "gralora-diffusion"
 FORMAT_VERSION = 1
-WEIGHT_NAME = "pytorch_gralora_weights.safetensors"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PEFT_PREFIX = "base_model.model."
-PEFT_CONFIG_NAME = "adapter_config.json"  # PEFT's save_pretrained layout
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT GraloraConfig settings the file format cannot carry, with the value that is fine.
 PEFT_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
 

@@ -11,3 +11,19 @@ class GraloraConfigError(GraloraError, ValueError):
 
 class AdapterFileError(GraloraError, ValueError):
     """An adapter file (or state dict) that cannot be read or does not fit the model."""
+
+
+class ExportError(GraloraError, ValueError):
+    """An export that cannot be done as asked (format, rank, size, key layout)."""
+
+
+class HubError(GraloraError, RuntimeError):
+    """A push that the Hub (or the network) refused; the local folder is untouched."""
+
+
+class TrainConfigError(GraloraError, ValueError):
+    """A training setting or input that cannot work; raised before any model loads."""
+
+
+class TrainingError(GraloraError, RuntimeError):
+    """Training went wrong while running (a NaN/Inf loss, non-finite weights)."""

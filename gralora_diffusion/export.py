@@ -32,20 +32,14 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter_file import AdapterFile, atomic_write, split_module_key
-from .errors import GraloraError
+from .constants import KOHYA_WEIGHT_NAME, torch_dtype
+from .constants import LORA_WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
+from .errors import ExportError
 from .loader import resolve_adapter
 
 FORMATS = ("diffusers", "kohya")
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 SDXL_LAYERS_PER_BLOCK = 2
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-class ExportError(GraloraError, ValueError):
-    """An export that cannot be done as asked (format, rank, size, key layout)."""
 
 
 @dataclass
@@ -259,11 +253,7 @@ def _unet_layers(config) -> int:
 def resolve_dtype(dtype, adapter: AdapterFile) -> torch.dtype:
     if dtype is None:
         return next(iter(next(iter(adapter.state_dicts.values())).values())).dtype
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ExportError(f"dtype={dtype!r}: pick one of fp32, fp16, bf16.")
+    return torch_dtype(dtype, ExportError)
 
 
 def _check_rank(rank) -> None:

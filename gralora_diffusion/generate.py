@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .constants import torch_dtype
 from .errors import GraloraConfigError
 
 TINY = "tiny"
@@ -67,12 +68,8 @@ def read_prompts(path) -> list[str]:
 
 def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(dtype, str):
-        from .export import DTYPES
-
-        if dtype.lower() not in DTYPES:
-            raise GraloraConfigError(f"dtype={dtype!r}: pick one of fp32, fp16, bf16.")
-        dtype = DTYPES[dtype.lower()]
+    if dtype is not None:
+        dtype = torch_dtype(dtype)
     return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
 
 

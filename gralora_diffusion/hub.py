@@ -10,18 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapter_file import WEIGHT_NAME, atomic_write, read_adapter_file
-from .errors import AdapterFileError, GraloraError
+from .adapter_file import atomic_write, read_adapter_file
+from .constants import CARD_NAME, IMAGE_SUFFIXES, WEIGHT_NAME
+from .errors import AdapterFileError, HubError
 from .export import DIFFUSERS_WEIGHT_NAME, export_lora, format_size
 from .info import adapter_info
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
-CARD_NAME = "README.md"
-
-
-class HubError(GraloraError, RuntimeError):
-    """A push that the Hub (or the network) refused; the local folder is untouched."""
 
 
 def _sample_images(folder: Path) -> list[str]:
@@ -69,7 +64,7 @@ def save_model_card(
     samples = [i for i in images if i != grid]
     prompts = prompts or [instance_prompt or ""] * len(samples)
     if len(prompts) != len(samples):
-        raise GraloraError(f"{len(prompts)} prompts for {len(samples)} sample images; give one prompt per image.")
+        raise HubError(f"{len(prompts)} prompts for {len(samples)} sample images; give one prompt per image.")
     name = repo_id or folder.resolve().name
     where = repo_id or str(folder)
 

@@ -15,18 +15,10 @@ from peft import GraloraConfig, inject_adapter_in_model
 from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 
+from .constants import COMPONENTS, TEXT_ENCODER_PRESETS, UNET_PRESETS
 from .errors import GraloraConfigError
 from .layer import GraloraLinear
 
-UNET_PRESETS = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
-}
-TEXT_ENCODER_PRESETS = {
-    "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "attn+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -218,7 +210,7 @@ def add_gralora(
         name = type(pipe_or_model).__name__
         plan.append((name, pipe_or_model, prepare_component(pipe_or_model, name, settings, targets, presets, adapter_name)))
     else:
-        for component in PIPELINE_COMPONENTS:
+        for component in COMPONENTS:
             model = getattr(pipe_or_model, component, None)
             if model is None:
                 continue

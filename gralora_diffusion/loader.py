@@ -30,9 +30,6 @@ from peft.tuners.gralora.layer import GraloraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .adapter_file import (
-    COMPONENTS,
-    PICKLE_SUFFIXES,
-    WEIGHT_NAME,
     AdapterFile,
     collect_adapter,
     config_to_dict,
@@ -44,13 +41,12 @@ from .adapter_file import (
     split_module_key,
     to_flat_state_dict,
 )
+from .constants import COMPONENTS, PICKLE_SUFFIXES, WEIGHT_NAME, torch_dtype
 from .errors import AdapterFileError, GraloraConfigError
 from .inject import _matched_modules, _plain_modules, check_adapter_name, existing_adapter_names, inject_config
 
 HUB_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download")
 DICT_KWARGS = ("gralora_configs", "metadata")
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,10 +401,8 @@ class GraloraLoaderMixin:
         `dtype`: torch.float16 / torch.bfloat16 (or "fp16", "bf16") to save smaller; default as trained."""
         if not str(weight_name).endswith(".safetensors"):
             raise GraloraConfigError(f"weight_name={weight_name!r}: adapters are saved as .safetensors only.")
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise GraloraConfigError(f"dtype={dtype!r}: use one of {sorted(_DTYPES)} or a torch dtype.")
-            dtype = _DTYPES[dtype]
+        if dtype is not None:
+            dtype = torch_dtype(dtype)
         available = self.list_gralora_adapters()
         if not any(adapter_name in names for names in available.values()):
             raise GraloraConfigError(f"No GraLoRA adapter named {adapter_name!r}; this pipeline has {available}.")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch.nn as nn
 from peft.tuners.gralora.layer import GraloraLayer
 
-from .inject import PIPELINE_COMPONENTS
+from .constants import COMPONENTS
 
 
 def _components(pipe_or_model) -> dict[str, nn.Module]:
     if isinstance(pipe_or_model, nn.Module):
         return {type(pipe_or_model).__name__: pipe_or_model}
-    return {c: getattr(pipe_or_model, c) for c in PIPELINE_COMPONENTS if getattr(pipe_or_model, c, None) is not None}
+    return {c: getattr(pipe_or_model, c) for c in COMPONENTS if getattr(pipe_or_model, c, None) is not None}
 
 
 def adapter_summary(pipe_or_model) -> dict[str, dict[str, dict]]:

@@ -2,7 +2,6 @@
 files answers each with our typed error naming the file, and nothing is unpickled."""
 
 import pytest
-import torch
 
 import gralora_diffusion as gd
 from conftest import randomize_gralora_B

@@ -16,7 +16,8 @@ from PIL import Image
 from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 
 import gralora_diffusion as gd
-from gralora_diffusion.adapter_file import WEIGHT_NAME, collect_adapter, read_adapter_file, save_adapter_file
+from gralora_diffusion.constants import WEIGHT_NAME
+from gralora_diffusion.adapter_file import collect_adapter, read_adapter_file, save_adapter_file
 from gralora_diffusion.cli import main as cli_main
 from gralora_diffusion.hub import HubError, push_to_hub, save_model_card
 from gralora_diffusion.tiny import TINY_MODEL_ID

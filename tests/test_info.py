@@ -6,7 +6,8 @@ import torch
 from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 
 import gralora_diffusion as gd
-from gralora_diffusion.adapter_file import WEIGHT_NAME, collect_adapter, save_adapter_file
+from gralora_diffusion.constants import WEIGHT_NAME
+from gralora_diffusion.adapter_file import collect_adapter, save_adapter_file
 from gralora_diffusion.cli import main as cli_main
 from gralora_diffusion.export import export_lora
 from gralora_diffusion.tiny import TINY_MODEL_ID

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import gralora_diffusion as gd
 import gralora_diffusion.loader as loader
-from conftest import generate, randomize_gralora_B
+from conftest import generate
 from corrupt_corpus import build_cases
 from loader_support import COMPONENTS, adapted_pipeline, assert_unchanged, capture, one_thread, outputs  # noqa: F401
 

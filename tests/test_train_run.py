@@ -10,7 +10,8 @@ from conftest import PROMPT, generate
 from peft import get_peft_model_state_dict
 
 import gralora_diffusion as gd
-from gralora_diffusion.adapter_file import WEIGHT_NAME, read_adapter_file
+from gralora_diffusion.constants import WEIGHT_NAME
+from gralora_diffusion.adapter_file import read_adapter_file
 from gralora_diffusion.tiny import TINY_MODEL_ID
 from gralora_diffusion.train import TrainConfig, TrainingError, train
 from gralora_diffusion.train import loop

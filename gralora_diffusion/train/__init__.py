@@ -2,7 +2,8 @@
 config (settings) -> data (images, captions, buckets, class images) -> loop (Accelerate) ->
 sampling (sample images) and save (adapter, config, checkpoints)."""
 
-from .config import TrainConfig, TrainConfigError, TrainingError
+from ..errors import TrainConfigError, TrainingError
+from .config import TrainConfig
 from .loop import TrainResult, train
 
 __all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "TrainingError", "train"]

@@ -17,16 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import GraloraConfigError, GraloraError
+from ..errors import GraloraConfigError, TrainConfigError
 from ..inject import AdapterSettings
-
-
-class TrainConfigError(GraloraError, ValueError):
-    """A training setting or input that cannot work; raised before any model loads."""
-
-
-class TrainingError(GraloraError, RuntimeError):
-    """Training went wrong while running (a NaN/Inf loss, non-finite weights)."""
 
 
 def _opt(help_text: str, **extra):
@@ -280,7 +272,7 @@ class TrainConfig:
                 raise TrainConfigError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
 
 
-def check_model_path(flag: str, value: str, marker: str, error: type[GraloraError] = TrainConfigError) -> None:
+def check_model_path(flag: str, value: str, marker: str, error: type[Exception] = TrainConfigError) -> None:
     """A model given as a local folder must exist before diffusers is asked (it would try the Hub)."""
     from ..loader import _looks_like_path  # the adapter loader's rule: Hub ids are `name` or `org/name`
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import TrainConfigError, TrainingError
+from ..constants import IMAGE_SUFFIXES
+from ..errors import TrainConfigError, TrainingError
 
 logger = logging.getLogger("gralora_diffusion.train")
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_KEYS = ("text", "caption", "prompt")
 
 
@@ -108,9 +108,9 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
         raise TrainConfigError(f"{flag} {folder}: no such folder.")
     if not folder.is_dir():
         raise TrainConfigError(f"{flag} {folder}: is a file, not a folder of images.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise TrainConfigError(f"{flag} {folder}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it.")
+        raise TrainConfigError(f"{flag} {folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in it.")
     captions = _read_captions(folder)
     records, uncaptioned = [], []
     for path in files:
@@ -252,7 +252,7 @@ def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: i
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    existing = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     missing = count - existing
     if missing <= 0:
         return 0

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, TrainConfigError, TrainingError
+from ..errors import TrainConfigError, TrainingError
+from .config import TrainConfig
 from .data import DreamBoothDataset, EpochBatches, collate, ensure_class_images, logger, scan_images
 from .sampling import generate_images, generate_samples, latent_stats, save_samples
 from .save import (

@@ -16,11 +16,9 @@ import yaml
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ..adapter_file import WEIGHT_NAME, atomic_write, collect_adapter, save_adapter_file
+from ..constants import CONFIG_NAME, LORA_WEIGHT_NAME, STATE_NAME, WEIGHT_NAME
+from ..adapter_file import atomic_write, collect_adapter, save_adapter_file
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-CONFIG_NAME = "training_config.yaml"
-STATE_NAME = "training_state.json"
 
 
 def save_final_adapter(cfg, components: dict, output_dir: Path) -> Path:

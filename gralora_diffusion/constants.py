@@ -1,0 +1,49 @@
+"""Names and tables the whole package shares, defined once. No torch import here: the CLI reads
+these before it loads anything heavy; `torch_dtype` resolves dtype names on first use."""
+
+from __future__ import annotations
+
+# The pipeline components an adapter can live in, in file order.
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+# File names.
+WEIGHT_NAME = "pytorch_gralora_weights.safetensors"  # our adapter file
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"  # PEFT's save_pretrained layout
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "training_config.yaml"
+STATE_NAME = "training_state.json"
+CARD_NAME = "README.md"
+
+# Suffixes of files we never unpickle, and of images we read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Target presets (PEFT module-name suffixes).
+UNET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+}
+TEXT_ENCODER_PRESETS = {
+    "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attn+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+# dtype names a user may write, to torch's attribute names.
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+               "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def torch_dtype(value, error=None, what: str = "dtype"):
+    """'fp16' / 'bf16' / 'fp32' (torch's long names, any case, or one of those torch dtypes) ->
+    torch.dtype. Anything else raises `error` (default GraloraConfigError) naming `what`."""
+    import torch
+
+    if isinstance(value, torch.dtype) and value in (torch.float32, torch.float16, torch.bfloat16):
+        return value
+    if isinstance(value, str) and value.lower() in DTYPE_NAMES:
+        return getattr(torch, DTYPE_NAMES[value.lower()])
+    if error is None:
+        from .errors import GraloraConfigError as error
+    raise error(f"{what}={value!r}: pick one of fp32, fp16, bf16.")
