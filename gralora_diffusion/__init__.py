@@ -37,6 +37,7 @@ _LAZY = {
     "generate_samples": "generate",
     "HubError": "hub",
     "push_to_hub": "hub",
+    "files_to_push": "hub",
     "save_model_card": "hub",
 }
 

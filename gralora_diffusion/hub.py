@@ -1,13 +1,17 @@
 """Share an adapter: a Hub model card (huggingface_hub.ModelCard) and a push (create_repo + upload_folder).
 
-What goes up: the adapter file, README.md (the card), sample images, and optionally the exact LoRA
-export (`pytorch_lora_weights.safetensors`, loadable with stock `load_lora_weights`). Nothing else in
-the folder (checkpoints, logs, optimizer state) is uploaded, and nothing local is ever deleted.
+What goes up is an explicit list of files (`files_to_push`): the adapter file, README.md (the card),
+the images the card shows, the images directly in `samples/`, and optionally the exact LoRA export
+(`pytorch_lora_weights.safetensors`, loadable with stock `load_lora_weights`). Nothing else in the
+folder (photos, class images, checkpoints, logs, optimizer state) is uploaded, whatever its name or
+depth, and nothing local is ever deleted.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 from .adapter_file import atomic_write, read_adapter_file
@@ -20,11 +24,43 @@ TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "templat
 
 
 def _sample_images(folder: Path) -> list[str]:
-    """Images in the folder and its `samples/` subfolder, relative paths, sorted (grids last)."""
-    found = [p for d in (folder, folder / "samples") if d.is_dir() for p in sorted(d.iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    """Images in the `samples/` subfolder (what training writes), relative paths, sorted (grids last).
+    Not the folder itself: a user's own photos may lie there, and the card must not show them."""
+    samples = folder / "samples"
+    found = [p for p in (sorted(samples.iterdir()) if samples.is_dir() else [])
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     rel = [p.relative_to(folder).as_posix() for p in found]
     return [r for r in rel if "grid" not in Path(r).name] + [r for r in rel if "grid" in Path(r).name]
+
+
+def _card_images(folder: Path) -> list[str]:
+    """Relative image paths the card in `folder` shows (markdown images and widget outputs) that are
+    files inside the folder; links that leave the folder or point elsewhere are not ours to upload."""
+    card = folder / CARD_NAME
+    if not card.is_file():
+        return []
+    text = card.read_text(encoding="utf-8", errors="replace")
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text) + re.findall(r"^\s*url:\s*['\"]?([^'\"\s]+)", text, re.M)
+    root, found = folder.resolve(), []
+    for link in links:
+        path = (folder / link).resolve()
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.is_relative_to(root):
+            found.append(path.relative_to(root).as_posix())
+    return found
+
+
+def files_to_push(folder, include_lora_export: bool = False) -> list[str]:
+    """The exact files a push uploads, relative to `folder`: adapter, card, the images the card shows,
+    the images directly in `samples/`, and the LoRA export when asked. Nothing else, at any depth."""
+    folder = Path(folder)
+    files = [WEIGHT_NAME, CARD_NAME] + _card_images(folder)
+    samples = folder / "samples"
+    if samples.is_dir():
+        files += [f"samples/{p.name}" for p in sorted(samples.iterdir())
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if include_lora_export:
+        files.append(DIFFUSERS_WEIGHT_NAME)
+    return list(dict.fromkeys(files))
 
 
 def _table(rows: dict) -> str:
@@ -90,6 +126,8 @@ def save_model_card(
     })
     prompt = instance_prompt or "a photo"
     base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    # Any prompt or path makes valid code: json.dumps is a valid Python string literal; shlex.quote for the shell.
+    py_base, py_where, py_prompt, sh_where = json.dumps(base), json.dumps(where), json.dumps(prompt), shlex.quote(where)
     trigger = f" Trigger prompt: `{instance_prompt}`." if instance_prompt else ""
     k = unet.get("k", "k")
     parts = [f"""
@@ -109,10 +147,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 import gralora_diffusion as gd
 
-pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
+pipe = StableDiffusionXLPipeline.from_pretrained({py_base}, torch_dtype=torch.float16).to("cuda")
 gd.patch_pipeline(pipe)
-pipe.load_gralora_weights("{where}")
-image = pipe("{prompt}", cross_attention_kwargs={{"scale": 1.0}}).images[0]
+pipe.load_gralora_weights({py_where})
+image = pipe({py_prompt}, cross_attention_kwargs={{"scale": 1.0}}).images[0]
 ```
 
 ## Export to plain LoRA (ComfyUI, A1111, stock diffusers)
@@ -120,13 +158,13 @@ image = pipe("{prompt}", cross_attention_kwargs={{"scale": 1.0}}).images[0]
 A GraLoRA update is exactly a LoRA of rank k·r + hybrid_r, so this export loses nothing:
 
 ```bash
-gralora-diffusion export-lora {where} lora.safetensors                    # diffusers keys, exact
-gralora-diffusion export-lora {where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
-gralora-diffusion export-lora {where} lora_r16.safetensors --rank 16          # smaller, SVD-truncated
+gralora-diffusion export-lora {sh_where} lora.safetensors                    # diffusers keys, exact
+gralora-diffusion export-lora {sh_where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
+gralora-diffusion export-lora {sh_where} lora_r16.safetensors --rank 16          # smaller, SVD-truncated
 ```
 
 Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include-lora-export`), stock
-diffusers loads it directly: `pipe.load_lora_weights("{where}")`.
+diffusers loads it directly: `pipe.load_lora_weights({py_where})`.
 
 ## Adapter
 
@@ -166,33 +204,49 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload GraLoRA adapter",
     include_lora_export: bool = False,
+    dry_run: bool = False,
+    say=None,
 ):
-    """Create `repo_id` (if needed) and upload the adapter, README.md and sample images from `folder`
-    (plus `pytorch_lora_weights.safetensors`, the exact LoRA export, with include_lora_export).
-    Writes a model card first when the folder has none. Returns huggingface_hub's CommitInfo."""
-    from huggingface_hub import HfApi
+    """Create `repo_id` (if needed) and upload exactly `files_to_push(folder)`: the adapter, README.md,
+    the images the card shows and `samples/*` (plus `pytorch_lora_weights.safetensors`, the exact LoRA
+    export, with include_lora_export). Writes a model card first when the folder has none. `say`
+    (e.g. print) gets the list before anything is sent. Returns huggingface_hub's CommitInfo, or the
+    list of files with dry_run (nothing is contacted or written then)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise HubError(f"repo id {repo_id!r} is not valid: {err} Use `name` or `your-name/name`.") from None
 
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise AdapterFileError(f"{folder}: {what}; give the folder holding {WEIGHT_NAME} (a training --output_dir).")
     read_adapter_file(folder / WEIGHT_NAME)  # refuse a folder without a valid adapter before any network call
+    if dry_run:
+        files = files_to_push(folder, include_lora_export)
+        if say:
+            say(f"Would upload {len(files)} files from {folder} to {repo_id} (dry run, nothing sent):")
+            for name in files:
+                say(f"  {name}")
+        return files
     if not (folder / CARD_NAME).is_file():
         save_model_card(folder, repo_id=repo_id)
-    allow = [WEIGHT_NAME, CARD_NAME] + [f"*{s}" for s in IMAGE_SUFFIXES]
     if include_lora_export:
         export_lora(folder / WEIGHT_NAME, folder / DIFFUSERS_WEIGHT_NAME)
-        allow.append(DIFFUSERS_WEIGHT_NAME)
+    files = files_to_push(folder, include_lora_export)
+    if say:
+        say(f"Uploading {len(files)} files from {folder} to {repo_id}:")
+        for name in files:
+            say(f"  {name}")
     api = HfApi(token=token)  # made here, so it takes HF_ENDPOINT / HF_TOKEN as they are now
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            commit_message=commit_message,
-            allow_patterns=allow,
-            ignore_patterns=["checkpoint-*", "checkpoint-*/*", ".*", "*/.*"],
-        )
+        # An explicit list, not folder patterns: a pattern like *.png matches private photos at any depth.
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
     except Exception as err:  # noqa: BLE001 - classified below, re-raised untouched when not about the Hub
         explained = _explain(err, repo_id)
         if explained is None:

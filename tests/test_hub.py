@@ -43,6 +43,9 @@ def adapter_folder(tmp_path):
     torch.save({"step": 100}, folder / "checkpoint-100" / "optimizer.bin")
     Image.new("RGB", (8, 8)).save(folder / "checkpoint-100" / "sample.png")
     (folder / "train.log").write_text("log\n")
+    for private in ("my_photos/me.png", "class_images/dog_0.jpg", "logs/run/grid.png", "holiday.png"):
+        (folder / private).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "blue").save(folder / private)
     return folder
 
 
@@ -168,3 +171,47 @@ def test_push_refuses_folder_without_adapter(tmp_path, fake_hub):
     with pytest.raises(gd.GraloraError, match="no such file"):
         push_to_hub(tmp_path, "me/x", token=TOKEN)
     assert fake_hub.calls == []
+
+
+def test_push_dry_run_lists_files_and_sends_nothing(adapter_folder, fake_hub, capsys):
+    assert cli_main(["push", str(adapter_folder), "me/sks-teapot-gralora", "--token", TOKEN, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out and "samples/sample_0.png" in out and WEIGHT_NAME in out
+    assert "my_photos" not in out and "class_images" not in out and "holiday" not in out
+    assert fake_hub.calls == [] and not (adapter_folder / "README.md").exists()
+
+
+def test_push_uploads_only_the_listed_files(adapter_folder, fake_hub, capsys):
+    """Photos and class images under the output folder, at any depth, never leave the machine."""
+    assert cli_main(["push", str(adapter_folder), "me/sks-teapot-gralora", "--token", TOKEN]) == 0
+    out = capsys.readouterr().out
+    assert "Uploading 5 files" in out
+    assert sorted(fake_hub.committed) == sorted(["<message>", "README.md", WEIGHT_NAME, "samples/grid.png",
+                                                 "samples/sample_0.png", "samples/sample_1.png"])
+    assert not any(p in out for p in ("my_photos", "class_images", "logs/", "holiday"))
+
+
+def test_push_refuses_bad_repo_id_before_anything(adapter_folder, fake_hub):
+    with pytest.raises(HubError, match="not valid"):
+        push_to_hub(adapter_folder, "me/bad name!", token=TOKEN)
+    assert fake_hub.calls == []
+
+
+def test_card_code_is_valid_for_any_prompt_and_path(adapter_folder, tmp_path):
+    """Quotes, backslashes and shell metacharacters in prompts and paths give valid Python and shell."""
+    import ast
+    import shlex
+    import shutil
+
+    folder = tmp_path / "it's a $(touch pwned) dir"
+    shutil.copytree(adapter_folder, folder)
+    prompt = 'a "sks" teapot\\"); import os; os.system("echo pwned"); ("'
+    body = ModelCard.load(save_model_card(folder, instance_prompt=prompt)).text
+    tree = ast.parse(body.split("```python")[1].split("```")[0])  # valid Python
+    calls = [n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    assert "system" not in calls
+    constants_ = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
+    assert prompt in constants_ and str(folder) in constants_
+    for line in body.split("```bash")[1].split("```")[0].strip().splitlines():
+        words = shlex.split(line, comments=True)
+        assert words[:2] == ["gralora-diffusion", "export-lora"] and words[2] == str(folder)
