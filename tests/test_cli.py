@@ -40,3 +40,60 @@ def test_console_script_runs(tmp_path):
     assert (tmp_path / "samples" / "final-grid.png").is_file()
     assert (tmp_path / "tiny-sdxl" / "model_index.json").is_file()
     assert "Next:" in result.stdout and "pytorch_gralora_weights.safetensors" in result.stdout
+
+
+def test_misspelled_flag_names_the_right_one(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--stepz", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert "did you mean --steps?" in err[0] and "gralora-diffusion generate --help" in err[0]
+
+
+@pytest.mark.parametrize("env, flag, expected", [(None, None, None), ("3", None, 3), ("3", 2, 2)])
+def test_thread_count_is_chosen_and_said(monkeypatch, env, flag, expected):
+    import os
+
+    import torch
+
+    from gralora_diffusion.threads import choose_num_threads, set_num_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if env:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    before = torch.get_num_threads()
+    try:
+        note = set_num_threads(flag)
+        default = max(1, min(4, (os.cpu_count() or 2) // 2))
+        assert torch.get_num_threads() == (expected or default)
+        assert note.startswith(f"CPU threads: {expected or default} (")
+        assert ("--num_threads" if flag else "OMP_NUM_THREADS" if env else "default") in note
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    with pytest.raises(gd_error()):
+        choose_num_threads()
+
+
+def gd_error():
+    from gralora_diffusion.errors import GraloraConfigError
+
+    return GraloraConfigError
+
+
+def test_info_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`gralora-diffusion info ... | head`: no BrokenPipeError traceback."""
+    import gralora_diffusion as gd
+    from gralora_diffusion.adapter_file import collect_adapter, save_adapter_file
+
+    pipe = gd.tiny_sdxl_pipeline(seed=0)
+    gd.add_gralora(pipe, r=4, gralora_k=2)
+    save_adapter_file(tmp_path / "a.safetensors", *collect_adapter({"unet": pipe.unet}))
+    reader = subprocess.Popen(["true"], stdin=subprocess.PIPE)  # gone before info writes: a broken pipe
+    writer = subprocess.run([sys.executable, "-m", "gralora_diffusion.cli", "info", str(tmp_path / "a.safetensors"), "--json"],
+                            stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+    reader.stdin.close()
+    reader.wait()
+    assert "Traceback" not in writer.stderr and "BrokenPipe" not in writer.stderr, writer.stderr
+    assert writer.returncode == 0
