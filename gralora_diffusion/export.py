@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .adapter_config import scaling
 from .adapter_file import AdapterFile, atomic_write, split_module_key
 from .constants import KOHYA_WEIGHT_NAME, torch_dtype
 from .constants import LORA_WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .errors import ExportError
-from .loader import resolve_adapter
+from .sources import resolve_adapter
 
 FORMATS = ("diffusers", "kohya")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -104,10 +105,6 @@ def format_size(size: int) -> str:
 def exact_rank(config: dict) -> int:
     """Rank of the plain LoRA that equals a GraLoRA module exactly: k·r + hybrid_r."""
     return config["gralora_k"] * config["r"] + config["hybrid_r"]
-
-
-def scaling(config: dict) -> float:
-    return config["alpha"] / (config["r"] + config["hybrid_r"])
 
 
 def group_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -222,12 +219,10 @@ def resolve_layers_per_block(adapter: AdapterFile, layers_per_block: int | None)
 
 
 def _base_unet_config(base: str):
-    from .tiny import TINY_MODEL_ID
+    from .tiny import TINY_MODEL_ID, UNET_CONFIG
 
     if base in (TINY_MODEL_ID, "tiny"):
-        from .tiny import _unet
-
-        return _unet().config
+        return UNET_CONFIG
     path = Path(base) / "unet" / "config.json"
     if not path.is_file():
         try:
