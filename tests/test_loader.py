@@ -11,15 +11,12 @@ from safetensors.torch import load_file, save_file
 
 import gralora_diffusion as gd
 import gralora_diffusion.model_ops as model_ops
-from conftest import generate
 from corrupt_corpus import build_cases
-from loader_support import COMPONENTS, adapted_pipeline, assert_unchanged, capture, one_thread, outputs  # noqa: F401
+from conftest import COMPONENTS, adapted_pipeline, assert_unchanged, capture, fresh, generate, outputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def fresh():
-    return gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
 
 
 def to_q(pipe):
