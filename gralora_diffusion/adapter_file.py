@@ -13,8 +13,8 @@ component's config (shapes follow from r, k, hybrid_r), so nothing is inferred f
 from __future__ import annotations
 
 import json
-from collections import Counter
 import os
+from collections import Counter
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .adapter_config import check_header, config_to_header
 from .constants import COMPONENTS, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PICKLE_SUFFIXES
 from .errors import AdapterFileError
 
@@ -34,9 +35,6 @@ PEFT_PREFIX = "base_model.model."
 # PEFT GraloraConfig settings the file format cannot carry, with the value that is fine.
 PEFT_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
 
-# Config fields we write and read. Required ones define the tensor shapes.
-REQUIRED_CONFIG_FIELDS = ("r", "alpha", "gralora_k", "hybrid_r", "target_modules")
-OPTIONAL_CONFIG_FIELDS = ("gralora_dropout",)
 TENSOR_SUFFIXES = ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight")
 
 
@@ -52,46 +50,6 @@ class AdapterFile:
     @property
     def base_model(self) -> str | None:
         return self.metadata.get("base_model")
-
-
-def config_to_dict(config) -> dict:
-    """The fields of a `peft.GraloraConfig` (or a dict) that the file keeps."""
-    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
-    out = {name: get(name) for name in REQUIRED_CONFIG_FIELDS}
-    out["gralora_dropout"] = get("gralora_dropout", 0.0) or 0.0
-    targets = out["target_modules"]
-    out["target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
-    return out
-
-
-def config_from_dict(data, source: str, component: str) -> dict:
-    """Check one component's config from a header; return it with the fields we know."""
-    where = f"{source}: config of {component!r}"
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{where} is {type(data).__name__}, expected a JSON object.")
-    missing = [f for f in REQUIRED_CONFIG_FIELDS if f not in data]
-    unknown = [f for f in data if f not in REQUIRED_CONFIG_FIELDS + OPTIONAL_CONFIG_FIELDS]
-    if missing or unknown:
-        raise AdapterFileError(
-            f"{where}: missing fields {missing} / unknown fields {unknown}. Expected "
-            f"{list(REQUIRED_CONFIG_FIELDS + OPTIONAL_CONFIG_FIELDS)}; the file was not written by a "
-            f"compatible gralora-diffusion, re-save it with `save_gralora_weights`."
-        )
-    for name in ("r", "gralora_k", "hybrid_r"):
-        value = data[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "hybrid_r" else 1):
-            raise AdapterFileError(f"{where}: {name}={value!r} is not a valid integer.")
-    if data["r"] % data["gralora_k"]:
-        raise AdapterFileError(f"{where}: r={data['r']} is not divisible by gralora_k={data['gralora_k']}.")
-    if not isinstance(data["alpha"], (int, float)) or isinstance(data["alpha"], bool):
-        raise AdapterFileError(f"{where}: alpha={data['alpha']!r} is not a number.")
-    targets = data["target_modules"]
-    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise AdapterFileError(f"{where}: target_modules={targets!r} must be a string or a list of strings.")
-    dropout = data.get("gralora_dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise AdapterFileError(f"{where}: gralora_dropout={dropout!r} must be in [0, 1).")
-    return {**data, "gralora_dropout": float(dropout)}
 
 
 def normalize_module_key(key: str) -> str:
@@ -253,7 +211,7 @@ def from_flat_state_dict(tensors: dict[str, torch.Tensor], configs: dict, metada
     unknown = [c for c in configs if c not in COMPONENTS]
     if unknown:
         raise AdapterFileError(f"{source}: unknown component(s) {unknown} in the configs; expected some of {list(COMPONENTS)}.")
-    checked = {c: config_from_dict(configs[c], source, c) for c in configs}
+    checked = {c: check_header(configs[c], source, c) for c in configs}
     state_dicts: dict[str, dict[str, torch.Tensor]] = {c: {} for c in checked}
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
@@ -302,7 +260,7 @@ def save_adapter_file(
 ) -> Path:
     """Write {component: PEFT state dict} and {component: config} as one adapter file (atomically)."""
     path = Path(path)
-    config_dicts = {c: config_to_dict(cfg) for c, cfg in configs.items()}
+    config_dicts = {c: config_to_header(cfg) for c, cfg in configs.items()}
     adapter = from_flat_state_dict(to_flat_state_dict(state_dicts), config_dicts, source=str(path))  # check before writing
     header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION), "gralora_configs": json.dumps(adapter.configs)}
     if base_model:
@@ -323,7 +281,7 @@ def collect_adapter(components: dict[str, torch.nn.Module], adapter_name: str = 
             continue
         state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
         state_dicts[component] = {normalize_module_key(key): tensor for key, tensor in state_dict.items()}
-        configs[component] = config_to_dict(config)
+        configs[component] = config_to_header(config)
     if not state_dicts:
         raise AdapterFileError(f"No GraLoRA adapter named {adapter_name!r} in {', '.join(components)}.")
     return state_dicts, configs
@@ -381,7 +339,7 @@ def read_peft_folder(folder: str | os.PathLike) -> AdapterFile:
             raise AdapterFileError(f"{weights}: {why}. Save the adapter with safetensors (PEFT's default).")
         _, component_tensors = _load_safetensors(weights)
         tensors.update({f"{component}.{key}": t for key, t in component_tensors.items()})
-        configs[component] = config_to_dict(data)
+        configs[component] = config_to_header(data)
         if data.get("base_model_name_or_path"):
             metadata.setdefault("base_model", str(data["base_model_name_or_path"]))
     return from_flat_state_dict(tensors, configs, metadata, str(folder))

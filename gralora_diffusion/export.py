@@ -11,10 +11,7 @@ Truncated (rank=N): the best rank-N approximation of that ΔW (float32 SVD, take
 core of the QR factors, so a 10240x1280 module costs a (k·r)² SVD), with the kept energy
 Σ_{i≤N} σ_i² / Σ σ_i² per module and overall; relative Frobenius error = sqrt(1 - energy).
 
-kohya keys use the original SDXL (sgm) UNet layout that kohya's sd-scripts, ComfyUI and A1111
-name: `down_blocks.b.attentions.l` -> `input_blocks_{1 + b(L+1) + l}_1`, `mid_block.attentions.0`
--> `middle_block_1`, `up_blocks.b.attentions.l` -> `output_blocks_{b(L+1) + l}_1` (L = the UNet's
-layers_per_block, 2 for SDXL), the exact inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`.
+Key names (diffusers' and kohya's layouts): `export_names.py`.
 """
 
 from __future__ import annotations
@@ -24,22 +21,21 @@ import contextlib
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .adapter_config import scaling
 from .adapter_file import AdapterFile, atomic_write, split_module_key
 from .constants import KOHYA_WEIGHT_NAME, torch_dtype
 from .constants import LORA_WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .errors import ExportError
-from .loader import resolve_adapter
+from .export_names import module_path, resolve_layers_per_block, to_kohya
+from .sources import resolve_adapter
 
 FORMATS = ("diffusers", "kohya")
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-SDXL_LAYERS_PER_BLOCK = 2
 
 
 @dataclass
@@ -106,10 +102,6 @@ def exact_rank(config: dict) -> int:
     return config["gralora_k"] * config["r"] + config["hybrid_r"]
 
 
-def scaling(config: dict) -> float:
-    return config["alpha"] / (config["r"] + config["hybrid_r"])
-
-
 def group_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{module path: {tensor suffix: tensor}} from a PEFT GraLoRA state dict."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -154,97 +146,6 @@ def truncate(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Ten
     total = float(energies.sum())
     kept = 1.0 if total == 0 else float(energies[:rank].sum() / total)
     return new_down.contiguous(), new_up.contiguous(), kept, total
-
-
-# --- key names -------------------------------------------------------------------------------
-
-_UNET_ATTENTION = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
-
-
-def sgm_unet_module(module: str, layers_per_block: int) -> str:
-    """diffusers UNet module path -> original SDXL (sgm) path, e.g. with layers_per_block=2
-    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`."""
-    step = layers_per_block + 1
-    if module.startswith("mid_block.attentions.0."):
-        return "middle_block.1." + module[len("mid_block.attentions.0.") :]
-    match = _UNET_ATTENTION.match(module)
-    if match is None:
-        raise ExportError(
-            f"unet.{module}: kohya keys are written for Linear layers inside the UNet's attention blocks "
-            "(to_q/k/v/out, ff, proj_in/out); this module has no SDXL (sgm) name here. Export with format='diffusers'."
-        )
-    kind, block, layer, rest = match[1], int(match[2]), int(match[3]), match[4]
-    if kind == "down_blocks":
-        if layer >= layers_per_block:
-            raise ExportError(f"unet.{module}: down block layer {layer} does not exist with layers_per_block={layers_per_block}.")
-        index, name = 1 + block * step + layer, "input_blocks"
-    else:
-        if layer > layers_per_block:
-            raise ExportError(f"unet.{module}: up block layer {layer} does not exist with layers_per_block={layers_per_block}.")
-        index, name = block * step + layer, "output_blocks"
-    if index >= 10:
-        # diffusers' converter finds the keys of block 1 by substring, so `input_blocks_1` would
-        # also take `input_blocks_10..19`. SDXL stops at 8.
-        raise ExportError(
-            f"unet.{module} would be {name}_{index}: diffusers' kohya converter cannot tell block indices >= 10 "
-            "from 1x (a UNet deeper than SDXL's). Export with format='diffusers'."
-        )
-    return f"{name}.{index}.1.{rest}"
-
-
-def kohya_key(component: str, module: str, layers_per_block: int) -> str:
-    """`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`, ..."""
-    if component == "unet":
-        path = sgm_unet_module(module, layers_per_block)
-    else:
-        path = module if module.startswith("text_model.") else "text_model." + module  # CLIP's full path
-    return KOHYA_PREFIXES[component] + path.replace(".", "_")
-
-
-def diffusers_module(component: str, module: str) -> str:
-    """Text-encoder paths with CLIP's `text_model.` (diffusers strips it for models without it, ComfyUI expects it)."""
-    if component != "unet" and not module.startswith("text_model."):
-        return "text_model." + module
-    return module
-
-
-def resolve_layers_per_block(adapter: AdapterFile, layers_per_block: int | None) -> int:
-    """The UNet's layers_per_block: given; else from the base model's UNet config when it is on this
-    machine (a folder, the embedded tiny model, or the Hub cache); else from the adapter's names (an
-    up block has layers_per_block + 1 attentions, and every preset adapts all of them); else SDXL's 2."""
-    if layers_per_block is not None:
-        return int(layers_per_block)
-    config = _base_unet_config(adapter.base_model) if adapter.base_model else None
-    if config is not None:
-        return _unet_layers(config)
-    up_layers = [int(m[3]) for key in adapter.state_dicts.get("unet", {}) if (m := _UNET_ATTENTION.match(key)) and m[1] == "up_blocks"]
-    return max(up_layers) if up_layers and max(up_layers) > 0 else SDXL_LAYERS_PER_BLOCK
-
-
-def _base_unet_config(base: str):
-    from .tiny import TINY_MODEL_ID
-
-    if base in (TINY_MODEL_ID, "tiny"):
-        from .tiny import _unet
-
-        return _unet().config
-    path = Path(base) / "unet" / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(base, "unet/config.json")
-        except Exception:  # not a repo id: nothing cached to read
-            return None
-        path = Path(cached) if isinstance(cached, str) else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
-
-
-def _unet_layers(config) -> int:
-    value = config["layers_per_block"] if isinstance(config, dict) else config.layers_per_block
-    if not isinstance(value, int):
-        raise ExportError(f"The base UNet has per-level layers_per_block={value}; SDXL's kohya layout needs one number.")
-    return value
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -319,18 +220,12 @@ def _convert(adapter: AdapterFile, plan, format: str, rank: int | None, out_dtyp
         else:
             down, up, energy, total = truncate(down, up, written)
         down, up = down.to(out_dtype).contiguous(), up.to(out_dtype).contiguous()
-        if format == "diffusers":
-            name = diffusers_module(component, module)
-            tensors[f"{component}.{name}.lora_A.weight"] = down
-            tensors[f"{component}.{name}.lora_B.weight"] = up
-            entries.setdefault(component, []).append((name, written))
-        else:
-            name = kohya_key(component, module, lpb)
-            tensors[f"{name}.lora_down.weight"] = down
-            tensors[f"{name}.lora_up.weight"] = up
-            tensors[f"{name}.alpha"] = torch.tensor(float(written), dtype=out_dtype)  # alpha/rank = 1
+        name = module_path(component, module, format, lpb)
+        tensors[f"{component}.{name}.lora_A.weight"] = down
+        tensors[f"{component}.{name}.lora_B.weight"] = up
+        entries.setdefault(component, []).append((name, written))
         modules.append(ModuleExport(component, module, in_f, out_f, exact_rank(config), written, energy, total))
-    return tensors, modules, entries
+    return (to_kohya(tensors, out_dtype) if format == "kohya" else tensors), modules, entries
 
 
 @contextlib.contextmanager

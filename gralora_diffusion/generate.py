@@ -76,10 +76,10 @@ def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
 def check_adapter_paths(paths) -> None:
     """Local adapters that do not exist fail before the (slow) base model loads."""
     from .errors import AdapterFileError
-    from .loader import _looks_like_path
+    from .sources import looks_like_path
 
     for path in paths:
-        if isinstance(path, (str, os.PathLike)) and not Path(path).expanduser().exists() and _looks_like_path(str(path)):
+        if isinstance(path, (str, os.PathLike)) and not Path(path).expanduser().exists() and looks_like_path(str(path)):
             raise AdapterFileError(f"{path}: no such adapter file or folder (and not a Hub repo id).")
 
 
@@ -89,7 +89,7 @@ def load_base_pipeline(base_model: str, device=None, dtype=None):
 
     device, dtype = default_device_dtype(device, dtype)
     if base_model != TINY:
-        from .train.config import check_model_path
+        from .sources import check_model_path
 
         check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
     if base_model == TINY:

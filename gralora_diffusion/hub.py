@@ -16,8 +16,9 @@ from pathlib import Path
 
 from .adapter_file import atomic_write, read_adapter_file
 from .constants import CARD_NAME, IMAGE_SUFFIXES, WEIGHT_NAME
+from .constants import LORA_WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .errors import AdapterFileError, HubError
-from .export import DIFFUSERS_WEIGHT_NAME, export_lora, format_size
+from .export import export_lora, format_size
 from .info import adapter_info
 
 TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
@@ -112,7 +113,16 @@ def save_model_card(
         instance_prompt=instance_prompt,
         widget=[{"text": p, "output": {"url": i}} for p, i in zip(prompts, samples)] or None,
     )
-    unet = info["components"].get("unet", {})
+    body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
+                      info["components"].get("unet", {}).get("k", "k"))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    path = folder / CARD_NAME
+    atomic_write(path, lambda tmp: card.save(tmp))
+    return path
+
+
+def _adapter_rows(info: dict) -> dict:
+    """The card's adapter table, from `adapter_info`."""
     adapter_rows = {
         f"{c} (r / k / hybrid_r / alpha)": f"{v['r']} / {v['k']} / {v['hybrid_r']} / {v['alpha']:g}" for c, v in info["components"].items()
     }
@@ -124,12 +134,16 @@ def save_model_card(
         "exact LoRA export": f"rank {', '.join(f'{c} {r}' for c, r in info['lora_export']['rank'].items())}, "
                              f"about {format_size(info['lora_export']['size_bytes'])}",
     })
+    return adapter_rows
+
+
+def _card_body(name, where, base_model, instance_prompt, grid, adapter_rows: dict, training, k) -> str:
+    """The card's Markdown below the front matter."""
     prompt = instance_prompt or "a photo"
     base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
     # Any prompt or path makes valid code: json.dumps is a valid Python string literal; shlex.quote for the shell.
     py_base, py_where, py_prompt, sh_where = json.dumps(base), json.dumps(where), json.dumps(prompt), shlex.quote(where)
     trigger = f" Trigger prompt: `{instance_prompt}`." if instance_prompt else ""
-    k = unet.get("k", "k")
     parts = [f"""
 # {name}
 
@@ -172,11 +186,7 @@ diffusers loads it directly: `pipe.load_lora_weights({py_where})`.
 """)
     if training:
         parts.append(f"\n## Training settings\n\n{_table(training)}\n")
-    body = "".join(parts)
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    path = folder / CARD_NAME
-    atomic_write(path, lambda tmp: card.save(tmp))
-    return path
+    return "".join(parts)
 
 
 def _explain(err: Exception, repo_id: str) -> HubError | None:

@@ -6,8 +6,9 @@ import os
 
 from pathlib import Path
 
-from .export import estimate_size, exact_rank, format_size, group_modules, scaling
-from .loader import resolve_adapter
+from .adapter_config import scaling
+from .export import estimate_size, exact_rank, format_size, group_modules
+from .sources import resolve_adapter
 
 
 def adapter_info(path: str | os.PathLike) -> dict:

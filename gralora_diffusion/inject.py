@@ -8,45 +8,16 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
 
 import torch.nn as nn
 from peft import GraloraConfig, inject_adapter_in_model
 from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 
+from .adapter_config import make_config
 from .constants import COMPONENTS, TEXT_ENCODER_PRESETS, UNET_PRESETS
 from .errors import GraloraConfigError
 from .layer import GraloraLinear
-
-
-
-@dataclass(frozen=True)
-class AdapterSettings:
-    r: int
-    gralora_k: int = 2
-    alpha: float | None = None
-    hybrid_r: int = 0
-    dropout: float = 0.0
-
-    def check(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise GraloraConfigError(f"r={self.r!r}: the rank must be an integer >= 1.")
-        if not isinstance(self.gralora_k, int) or self.gralora_k < 1:
-            raise GraloraConfigError(f"gralora_k={self.gralora_k!r}: k must be an integer >= 1 (2 for r <= 32, 4 for r >= 64).")
-        if self.r % self.gralora_k:
-            raise GraloraConfigError(
-                f"r={self.r} is not divisible by gralora_k={self.gralora_k}: each of the k blocks gets rank r/k. "
-                f"Pick r as a multiple of {self.gralora_k}."
-            )
-        if not isinstance(self.hybrid_r, int) or self.hybrid_r < 0:
-            raise GraloraConfigError(f"hybrid_r={self.hybrid_r!r}: the hybrid LoRA rank must be an integer >= 0.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GraloraConfigError(f"dropout={self.dropout!r}: must be in [0, 1).")
-
-    @property
-    def resolved_alpha(self) -> float:
-        return 2 * self.r if self.alpha is None else self.alpha  # the paper's alpha = 2r
 
 
 def resolve_targets(targets, presets: dict[str, list[str]]) -> list[str] | str:
@@ -68,7 +39,7 @@ def resolve_targets(targets, presets: dict[str, list[str]]) -> list[str] | str:
     )
 
 
-def _plain_modules(model: nn.Module):
+def plain_modules(model: nn.Module):
     """(name, module) pairs, with adapter layers standing for their base layer and their
     own submodules (base_layer, gralora_A_general, …) left out."""
     tuner_prefixes = []
@@ -84,17 +55,24 @@ def _plain_modules(model: nn.Module):
 def _nearby_linears(model: nn.Module, limit: int = 16) -> str:
     """Short names of the Linear modules (last one or two name parts), to suggest targets."""
     short = set()
-    for name, module in _plain_modules(model):
+    for name, module in plain_modules(model):
         if isinstance(module, nn.Linear):
             parts = name.split(".")
             short.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
     return ", ".join(sorted(short)[:limit])
 
 
-def _matched_modules(model: nn.Module, config: GraloraConfig, component: str) -> dict[str, nn.Module]:
-    """The modules PEFT would adapt, checked before anything is injected. A module that already
-    carries an adapter counts by its base layer; the adapter's own submodules are skipped."""
-    matched = {name: module for name, module in _plain_modules(model) if check_target_module_exists(config, name)}
+def check_config(model: nn.Module, config: GraloraConfig, component: str, adapter_name: str | None = None) -> dict[str, nn.Module]:
+    """Check a config against a model before anything is injected: `adapter_name` (if given) is free,
+    the targets match modules, all of them Linear, with widths divisible by k. Returns the modules
+    PEFT would adapt; a module that already carries an adapter counts by its base layer, the
+    adapter's own submodules are skipped. (r, k, hybrid_r themselves: `make_config`.)"""
+    if adapter_name is not None and adapter_name in existing_adapter_names(model):
+        raise GraloraConfigError(
+            f"{component}: an adapter named {adapter_name!r} already exists. Pick another adapter_name, "
+            f"or delete it first; the existing adapter was left untouched."
+        )
+    matched = {name: module for name, module in plain_modules(model) if check_target_module_exists(config, name)}
     if not matched:
         raise GraloraConfigError(
             f"{component}: target modules {config.target_modules!r} match no module. "
@@ -136,17 +114,6 @@ def existing_adapter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_config(settings: AdapterSettings, target_modules) -> GraloraConfig:
-    return GraloraConfig(
-        r=settings.r,
-        gralora_k=settings.gralora_k,
-        alpha=settings.resolved_alpha,
-        hybrid_r=settings.hybrid_r,
-        gralora_dropout=settings.dropout,
-        target_modules=target_modules,
-    )
-
-
 def inject_config(model: nn.Module, config: GraloraConfig, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
     """Inject an already validated config and make the adapter active, the way diffusers'
     and transformers' `add_adapter` do (so their `set_adapters`, `fuse_lora`, … see it)."""
@@ -171,18 +138,6 @@ def check_adapter_name(adapter_name) -> None:
         raise GraloraConfigError(f"adapter_name={adapter_name!r} is the name of a torch Module attribute; pick another.")
 
 
-def prepare_component(model: nn.Module, component: str, settings: AdapterSettings, targets, presets, adapter_name: str):
-    """Validate and build the config for one model; touches nothing."""
-    if adapter_name in existing_adapter_names(model):
-        raise GraloraConfigError(
-            f"{component}: an adapter named {adapter_name!r} already exists. Pick another adapter_name, "
-            f"or delete it first; the existing adapter was left untouched."
-        )
-    config = build_config(settings, resolve_targets(targets, presets))
-    _matched_modules(model, config, component)
-    return config
-
-
 def add_gralora(
     pipe_or_model,
     r: int = 8,
@@ -199,30 +154,22 @@ def add_gralora(
 
     Everything is checked before any module changes: a bad argument leaves the model as it was.
     """
-    settings = AdapterSettings(r=r, gralora_k=gralora_k, alpha=alpha, hybrid_r=hybrid_r, dropout=dropout)
-    settings.check()
     check_adapter_name(adapter_name)
-    plan = []
     if isinstance(pipe_or_model, nn.Module):
         is_text = hasattr(pipe_or_model, "config") and hasattr(pipe_or_model.config, "vocab_size")
-        targets = (text_encoder_targets or "attn") if is_text else unet_targets
-        presets = TEXT_ENCODER_PRESETS if is_text else UNET_PRESETS
-        name = type(pipe_or_model).__name__
-        plan.append((name, pipe_or_model, prepare_component(pipe_or_model, name, settings, targets, presets, adapter_name)))
+        targets = (text_encoder_targets or "attn", TEXT_ENCODER_PRESETS) if is_text else (unet_targets, UNET_PRESETS)
+        wanted = [(type(pipe_or_model).__name__, pipe_or_model, targets)]
     else:
-        for component in COMPONENTS:
-            model = getattr(pipe_or_model, component, None)
-            if model is None:
-                continue
-            if component == "unet":
-                targets, presets = unet_targets, UNET_PRESETS
-            elif text_encoder_targets is None:
-                continue
-            else:
-                targets, presets = text_encoder_targets, TEXT_ENCODER_PRESETS
-            plan.append((component, model, prepare_component(model, component, settings, targets, presets, adapter_name)))
-        if not plan:
+        wanted = [(c, m, (unet_targets, UNET_PRESETS) if c == "unet" else (text_encoder_targets, TEXT_ENCODER_PRESETS))
+                  for c in COMPONENTS if (m := getattr(pipe_or_model, c, None)) is not None]
+        wanted = [(c, m, t) for c, m, t in wanted if c == "unet" or text_encoder_targets is not None]
+        if not wanted:
             raise GraloraConfigError(f"{type(pipe_or_model).__name__} has no unet or text encoder to adapt.")
-    for _, model, config in plan:
-        inject_config(model, config, adapter_name)
-    return {component: config for component, _, config in plan}
+    configs = {}
+    for component, model, (targets, presets) in wanted:
+        config = make_config(r, gralora_k, alpha, hybrid_r, dropout, target_modules=resolve_targets(targets, presets))
+        check_config(model, config, component, adapter_name)
+        configs[component] = config
+    for component, model, _ in wanted:
+        inject_config(model, configs[component], adapter_name)
+    return configs

@@ -57,24 +57,28 @@ def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
+# The tiny UNet's config (export reads layers_per_block from it without building the model).
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 1),
+    cross_attention_dim=2 * TEXT_HIDDEN,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_PROJECTION,
+    norm_num_groups=8,
+)
+
+
 def _unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1),
-        cross_attention_dim=2 * TEXT_HIDDEN,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_PROJECTION,
-        norm_num_groups=8,
-    )
+    return UNet2DConditionModel(**UNET_CONFIG)
 
 
 def _vae() -> AutoencoderKL:

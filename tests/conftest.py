@@ -5,8 +5,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import gralora_diffusion as gd
+from gralora_diffusion.constants import COMPONENTS
 
 PROMPT = "a photo of sks teapot"
 
@@ -36,3 +38,73 @@ def randomize_gralora_B(model, adapter_name=None, std=0.1, seed=1):
         for name, p in model.named_parameters():
             if ("gralora_B" in name) and (adapter_name is None or f".{adapter_name}" in name):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a module's tests run (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared 2-core machine, two threads waiting for
+    each other make the tiny pipeline 10x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def outputs(pipe) -> torch.Tensor:
+    """Both text encoders' penultimate states and one UNet call on them: what a generation reads,
+    for a fraction of a pipeline call's time."""
+    ids = torch.arange(1, 12).unsqueeze(0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        t1 = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        out2 = pipe.text_encoder_2(ids, output_hidden_states=True)
+        t2 = out2.hidden_states[-2]
+        context = torch.cat([t1, t2], dim=-1)
+        latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=g)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+        added = {"text_embeds": out2.text_embeds, "time_ids": time_ids}
+        noise = pipe.unet(latents, 10, encoder_hidden_states=context, added_cond_kwargs=added).sample
+    return torch.cat([t1.flatten(), t2.flatten(), noise.flatten()])
+
+
+def capture(pipe) -> dict:
+    """Everything loading may change: weights, module classes, active adapters, trainable flags, configs."""
+    state = {}
+    for c in COMPONENTS:
+        model = getattr(pipe, c)
+        state[c] = {
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "modules": [(n, type(m)) for n, m in model.named_modules()],
+            "active": [(n, list(m.active_adapters)) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)],
+            "grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+            "configs": sorted(getattr(model, "peft_config", {}) or {}),
+        }
+    return state
+
+
+def assert_unchanged(pipe, before: dict, before_outputs: torch.Tensor | None = None,
+                     parts=("modules", "active", "grad", "configs")) -> None:
+    after = capture(pipe)
+    for c in COMPONENTS:
+        for part in parts:
+            assert after[c][part] == before[c][part], (c, part)
+        assert after[c]["weights"].keys() == before[c]["weights"].keys(), c
+        for k, v in before[c]["weights"].items():
+            assert torch.equal(after[c]["weights"][k], v), (c, k)
+    if before_outputs is not None:
+        assert torch.equal(outputs(pipe), before_outputs)
+
+
+def adapted_pipeline(r=8, gralora_k=2, hybrid_r=4, text_encoder_targets="attn", seed=1, adapter_name="default"):
+    """A patched tiny pipeline carrying one GraLoRA adapter with random (non-zero) B."""
+    pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
+    configs = gd.add_gralora(pipe, r=r, gralora_k=gralora_k, hybrid_r=hybrid_r,
+                             text_encoder_targets=text_encoder_targets, adapter_name=adapter_name)
+    for i, c in enumerate(configs):
+        randomize_gralora_B(getattr(pipe, c), seed=seed + i)
+    return pipe
+
+
+def fresh():
+    """A patched tiny pipeline without adapters."""
+    return gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))

@@ -17,7 +17,7 @@ from gralora_diffusion.adapter_file import (
     read_peft_folder,
     save_adapter_file,
 )
-from gralora_diffusion.loader import adapter_from_state_dict
+from gralora_diffusion.sources import adapter_from_state_dict
 
 CONFIG = {"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 2, "target_modules": ["to_q", "to_v"], "gralora_dropout": 0.0}
 

@@ -7,26 +7,19 @@ import math
 import pytest
 import torch
 from conftest import generate, randomize_gralora_B
-from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 from peft import GraloraConfig
 from safetensors import safe_open
 
 import gralora_diffusion as gd
 from gralora_diffusion.adapter_file import collect_adapter, read_adapter_file, save_adapter_file
 from gralora_diffusion.cli import main as cli_main
-from gralora_diffusion.export import (
-    ExportError,
-    diffusers_module,
-    export_lora,
-    group_modules,
-    kohya_key,
-    lora_factors,
-    resolve_layers_per_block,
-)
+from gralora_diffusion.constants import COMPONENTS
+from gralora_diffusion.export import ExportError, export_lora, group_modules, lora_factors
+from gralora_diffusion.export_names import diffusers_module, kohya_key, resolve_layers_per_block
 from gralora_diffusion.inject import inject_config
 from gralora_diffusion.tiny import TINY_MODEL_ID
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def write_adapter(pipe, path, base_model=TINY_MODEL_ID):

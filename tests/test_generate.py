@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROMPT, randomize_gralora_B
-from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 from PIL import Image
 
 import gralora_diffusion as gd
@@ -10,6 +9,8 @@ from gralora_diffusion.adapter_file import collect_adapter, read_adapter_file, s
 from gralora_diffusion.cli import main as cli_main
 from gralora_diffusion.generate import HEADER_HEIGHT, LABEL_WIDTH, generate_samples, parse_adapter, parse_scales
 from gralora_diffusion.tiny import TINY_MODEL_ID
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 OTHER_PROMPT = "a red cube on a table"
 

@@ -13,7 +13,6 @@ import yaml
 from huggingface_hub import ModelCard, constants
 from PIL import Image
 
-from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 
 import gralora_diffusion as gd
 from gralora_diffusion.constants import WEIGHT_NAME
@@ -21,6 +20,8 @@ from gralora_diffusion.adapter_file import collect_adapter, read_adapter_file, s
 from gralora_diffusion.cli import main as cli_main
 from gralora_diffusion.hub import HubError, push_to_hub, save_model_card
 from gralora_diffusion.tiny import TINY_MODEL_ID
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 TOKEN = "hf_loopback_write"
 PROMPT = "a photo of sks teapot"

@@ -11,7 +11,9 @@ import torch
 from peft import GraloraConfig, get_peft_model
 
 import gralora_diffusion as gd
-from loader_support import adapted_pipeline, assert_unchanged, capture, one_thread, outputs  # noqa: F401
+from conftest import adapted_pipeline, assert_unchanged, capture, fresh, outputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -48,10 +50,6 @@ def source(tmp_path_factory):
     pipe = adapted_pipeline(r=4, gralora_k=2, hybrid_r=2)
     path = pipe.save_gralora_weights(tmp_path_factory.mktemp("adapter"))
     return outputs(pipe), path.read_bytes()
-
-
-def fresh():
-    return gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
 
 
 def test_load_by_repo_id_offline(cache, source):

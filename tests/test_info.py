@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
 
 import gralora_diffusion as gd
 from gralora_diffusion.constants import WEIGHT_NAME
@@ -11,6 +10,8 @@ from gralora_diffusion.adapter_file import collect_adapter, save_adapter_file
 from gralora_diffusion.cli import main as cli_main
 from gralora_diffusion.export import export_lora
 from gralora_diffusion.tiny import TINY_MODEL_ID
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

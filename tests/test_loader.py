@@ -10,16 +10,13 @@ from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
 from safetensors.torch import load_file, save_file
 
 import gralora_diffusion as gd
-import gralora_diffusion.loader as loader
-from conftest import generate
+import gralora_diffusion.model_ops as model_ops
 from corrupt_corpus import build_cases
-from loader_support import COMPONENTS, adapted_pipeline, assert_unchanged, capture, one_thread, outputs  # noqa: F401
+from conftest import COMPONENTS, adapted_pipeline, assert_unchanged, capture, fresh, generate, outputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def fresh():
-    return gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
 
 
 def to_q(pipe):
@@ -466,7 +463,7 @@ def test_existing_name_and_bad_names_are_refused(loaded, source):
 def test_a_failure_during_injection_removes_the_half_injected_adapter(loaded, source, monkeypatch):
     _, folder, _ = source
     before, before_out = capture(loaded), outputs(loaded)
-    real = loader.set_peft_model_state_dict
+    real = model_ops.set_peft_model_state_dict
     calls = []
 
     def fail_on_second_component(model, *args, **kwargs):
@@ -475,7 +472,7 @@ def test_a_failure_during_injection_removes_the_half_injected_adapter(loaded, so
             raise RuntimeError("disk on fire")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(loader, "set_peft_model_state_dict", fail_on_second_component)
+    monkeypatch.setattr(model_ops, "set_peft_model_state_dict", fail_on_second_component)
     with pytest.raises(gd.AdapterFileError, match="disk on fire.*pipeline is unchanged"):
         loaded.load_gralora_weights(folder, adapter_name="partial")
     assert_unchanged(loaded, before, before_out)

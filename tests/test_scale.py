@@ -6,8 +6,7 @@ import torch
 
 import gralora_diffusion as gd
 from conftest import generate, randomize_gralora_B
-
-COMPONENTS = ["unet", "text_encoder", "text_encoder_2"]
+from gralora_diffusion.constants import COMPONENTS
 
 
 def weights(pipe):
@@ -31,10 +30,10 @@ def test_per_call_scale_equals_fused_at_that_scale(adapted, scale):
     assert np.abs(full - base).max() > 1e-2  # the adapter acts
     assert np.abs(per_call - full).max() > 1e-3  # and the scale changes it
     before = weights(pipe)
-    pipe.fuse_lora(components=COMPONENTS, lora_scale=scale)
+    pipe.fuse_lora(components=list(COMPONENTS), lora_scale=scale)
     fused = generate(pipe)
     assert np.abs(fused - per_call).max() <= 1e-4
-    pipe.unfuse_lora(components=COMPONENTS)
+    pipe.unfuse_lora(components=list(COMPONENTS))
     after = weights(pipe)
     for c in COMPONENTS:
         for k in before[c]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GraloraConfigError, TrainConfigError
-from ..inject import AdapterSettings
+from ..adapter_config import AdapterSettings
+from ..sources import check_model_path  # re-exported: part of this module's public names
 
 
 def _opt(help_text: str, **extra):
@@ -270,23 +271,6 @@ class TrainConfig:
 
             if not torch.cuda.is_available():
                 raise TrainConfigError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
-
-
-def check_model_path(flag: str, value: str, marker: str, error: type[Exception] = TrainConfigError) -> None:
-    """A model given as a local folder must exist before diffusers is asked (it would try the Hub)."""
-    from ..loader import _looks_like_path  # the adapter loader's rule: Hub ids are `name` or `org/name`
-
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise error(f"{flag} {value}: is a file; give a model folder written by save_pretrained, or a Hub id.")
-        if not (path / marker).is_file():
-            raise error(f"{flag} {value}: no {marker} in this folder; give a folder written by save_pretrained, or a Hub id.")
-    elif _looks_like_path(value):
-        raise error(
-            f"{flag} {value}: no such folder. Give a local model folder (e.g. from `gralora-diffusion make-tiny DIR`) "
-            "or a Hub id such as stabilityai/stable-diffusion-xl-base-1.0."
-        )
 
 
 def read_config_file(path: Path) -> dict:
