@@ -210,7 +210,7 @@ def test_bf16_keeps_adapter_and_vae_in_fp32(tmp_path):
 
 
 def test_step_benchmark_times_every_variant():
-    from gralora_diffusion.bench.step import VARIANTS, child
+    from benchmarks.step import VARIANTS, child
 
     spec = {"mode": "time", "threads": None, "clock": "cpu", "dtype": "fp32", "steps": 1, "rounds": 1, "resolution": 64, "batch": 1}
     times = child(spec)

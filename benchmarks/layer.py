@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from peft import GraloraConfig, LoraConfig, inject_adapter_in_model
 
-from ..inject import upgrade_gralora_layers
+from gralora_diffusion.inject import upgrade_gralora_layers
 from .common import DTYPES, machine, paired_ratio, saved_bytes, summarize, table, time_interleaved
 
 
