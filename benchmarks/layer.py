@@ -23,7 +23,7 @@ class Shape:
     tokens: tuple[int, ...]  # batch 2 × sequence length, the smaller first
 
 
-# Every distinct SDXL Linear shape (DESIGN.md §1) with the token counts it sees at 1024² (batch 2,
+# Every distinct SDXL Linear shape with the token counts it sees at 1024² (batch 2,
 # classifier-free guidance): 64² latents = 4096 tokens at width 640, 32² = 1024 at 1280, and the
 # 77-token text context for the cross-attention k/v projections and the text encoders.
 SHAPES = (

@@ -12,20 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a photo of sks teapot"
+from conftest import PROMPT, ROOT, SUBPROCESS_ENV
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from gralora_diffusion.tiny import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+    return dict(SUBPROCESS_ENV)
 
 
 @pytest.mark.slow
