@@ -22,20 +22,12 @@ from tqdm.auto import tqdm
 from ..errors import TrainingError
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochBatches, collate, ensure_class_images, logger, scan_images
+from .checkpoint import check_checkpoint, load_training_state, run_history, save_training_state, shaping_settings
+from .lock import output_dir_lock
 from .loss import BatchLoss
 from .model import add_adapters, freeze_and_place, load_pipeline, make_optimizer, param_groups
 from .sampling import generate_images, generate_samples, save_samples
-from .save import (
-    all_finite,
-    complete_checkpoints,
-    load_adapter_weights,
-    read_training_state,
-    save_adapter_weights,
-    save_config,
-    save_final_adapter,
-    training_summary,
-    write_checkpoint,
-)
+from .save import all_finite, complete_checkpoints, save_config, save_final_adapter, training_summary, write_checkpoint
 
 
 @dataclass
@@ -66,6 +58,7 @@ class Run:
     max_steps: int
     updates_per_epoch: int
     batch_loss: BatchLoss | None = None
+    history: list[dict] = field(default_factory=list)  # [{from_step, settings}] per stretch of a resumed run
     global_step: int = 0
     last_checkpoint: Path | None = None
     losses: list[float] = field(default_factory=list)
@@ -99,16 +92,22 @@ def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None]
     """Train an adapter as `cfg` says. `pipeline`: an SDXL pipeline already in memory (then
     `--pretrained_model_name_or_path` only names it in the outputs). `on_step(step, loss)` runs
     after every update on every process."""
-    from accelerate.state import AcceleratorState
-
     cfg.validate(need_model=pipeline is None)
     instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt, "instance")  # before any model loads
     resume_from = find_resume_checkpoint(cfg)
+    resumed = check_checkpoint(resume_from, cfg) if resume_from else None  # also before any model loads
     if cfg.seed is None:
-        cfg.seed = read_training_state(resume_from)["seed"] if resume_from else random.SystemRandom().randrange(2**31)
+        cfg.seed = resumed["seed"] if resumed else random.SystemRandom().randrange(2**31)
+    with output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg, instances, resume_from, resumed, pipeline, on_step)
+
+
+def _train(cfg, instances, resume_from, resumed, pipeline, on_step) -> TrainResult:
+    from accelerate.state import AcceleratorState
+
     accelerator = make_accelerator(cfg)
     try:
-        run = setup(cfg, accelerator, instances, resume_from, pipeline)
+        run = setup(cfg, accelerator, instances, (resume_from, resumed), pipeline)
         for epoch in range(run.global_step // run.updates_per_epoch, math.ceil(run.max_steps / run.updates_per_epoch)):
             if run.done:
                 break
@@ -149,7 +148,7 @@ def make_accelerator(cfg: TrainConfig):
 
 
 # ---- setup -----------------------------------------------------------------------------------------
-def setup(cfg: TrainConfig, accelerator, instances, resume_from: Path | None, pipe=None) -> Run:
+def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=None) -> Run:
     """Base model, class images, adapters, data, optimizer and schedule, then the resumed state."""
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -187,8 +186,9 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: Path | None, pi
     run.batch_loss = BatchLoss(cfg, pipe, run.wrapped["unet"], (run.wrapped.get("text_encoder", pipe.text_encoder),
                                run.wrapped.get("text_encoder_2", pipe.text_encoder_2)), DDPMScheduler.from_config(pipe.scheduler.config),
                                weight_dtype, device)
+    run.history = run_history(cfg, resume_from[1])
     if main:
-        save_config(cfg, out)
+        save_config(cfg, out, run.history)
         tracked = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("gralora-dreambooth", config=tracked)
     set_seed(cfg.seed, device_specific=True)  # different noise on each process
@@ -225,36 +225,21 @@ def make_run(cfg, accelerator, pipe, components: dict, params: dict, dataset, ba
     # per process), so the schedule is the same with 1 or N processes.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-    accelerator.register_for_checkpointing(lr_scheduler)
     ema = EMAModel(all_params, decay=cfg.ema_decay) if cfg.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     prepared = accelerator.prepare(*components.values(), optimizer)
-    main = accelerator.is_main_process
-
-    def save_hook(models, weights, folder):  # checkpoints hold adapter weights only, not the base model
-        if main:
-            save_adapter_weights(components, Path(folder))
-        weights.clear()
-
-    def load_hook(models, folder):
-        load_adapter_weights(components, Path(folder))
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
     return Run(cfg, accelerator, pipe, components, dict(zip(components, prepared[:-1])), all_params, prepared[-1],
                lr_scheduler, ema, dataset, batches, max_steps, updates_per_epoch)
 
 
-def resume(run: Run, folder: Path | None) -> None:
-    """Adapter, optimizer, schedule, EMA and every process's RNG as the checkpoint holds them."""
+def resume(run: Run, checked: tuple) -> None:
+    """Adapter, optimizer, schedule, EMA and every process's RNG as the (checked) checkpoint holds them."""
+    folder, state = checked
     if run.cfg.resume_from_checkpoint and folder is None:
         run.say(f"No complete checkpoint in {run.out}; starting a new run.")
     if folder is None:
         return
-    run.accelerator.load_state(str(folder))
-    run.global_step = read_training_state(folder)["global_step"]
+    load_training_state(run, folder, state)
+    run.global_step = state["global_step"]
     run.last_checkpoint = folder
     run.say(f"Resumed from {folder} at step {run.global_step}.")
 
@@ -325,8 +310,9 @@ def update(run: Run) -> float:
 def checkpoint(run: Run) -> None:
     if not all_finite(run.params):
         raise TrainingError(f"the adapter weights became NaN/Inf at step {run.global_step}; last good checkpoint: {run.last_checkpoint or 'none'}.")
-    state = {"global_step": run.global_step, "seed": run.cfg.seed}
-    run.last_checkpoint = write_checkpoint(run.accelerator, run.out, run.global_step, state, run.cfg.checkpoints_total_limit)
+    state = {"global_step": run.global_step, "seed": run.cfg.seed, "settings": shaping_settings(run.cfg), "history": run.history}
+    run.last_checkpoint = write_checkpoint(run.accelerator, run.out, run.global_step, lambda folder: save_training_state(run, folder),
+                                           state, run.cfg.checkpoints_total_limit)
     run.say(f"step {run.global_step}: saved checkpoint {run.last_checkpoint}")
 
 
@@ -354,23 +340,23 @@ def finish(run: Run) -> TrainResult:
         run.ema.copy_to(run.params)
     weights_path = grid = None
     if run.accelerator.is_main_process:
-        weights_path = save_final_adapter(run.cfg, run.components, run.out)
+        weights_path = save_final_adapter(run.cfg, run.components, run.out, run.history)
         run.say(f"Saved the {run.cfg.adapter} adapter to {weights_path}")
         grid, images = sample(run, "final")
         if run.cfg.adapter == "gralora":
-            share(run.cfg, run.out, grid, images, run.say)
+            share(run.cfg, run.out, grid, images, run.say, run.history)
     run.accelerator.wait_for_everyone()
     return TrainResult(run.out, weights_path, run.global_step, run.losses, run.components, run.pipe, grid)
 
 
-def share(cfg: TrainConfig, out: Path, grid: Path | None, images: list[Path], say) -> None:
+def share(cfg: TrainConfig, out: Path, grid: Path | None, images: list[Path], say, history=None) -> None:
     """The model card (README.md) beside the adapter, then the push with --push_to_hub."""
     from ..hub import push_to_hub, save_model_card
 
     prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
     rel = [str(p.relative_to(out)) for p in images]
     card = save_model_card(out, repo_id=cfg.hub_model_id, images=rel + ([str(grid.relative_to(out))] if grid else []),
-                           prompts=prompts or None, training=training_summary(cfg),
+                           prompts=prompts or None, training=training_summary(cfg, history),
                            grid=str(grid.relative_to(out)) if grid else None)
     say(f"Wrote the model card {card}")
     if cfg.push_to_hub:
