@@ -64,16 +64,6 @@ def randomize_gralora_B(model, adapter_name=None, std=0.1, seed=1):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread while a module's tests run (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared 2-core machine, two threads waiting for
-    each other make the tiny pipeline 10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def outputs(pipe) -> torch.Tensor:
     """Both text encoders' penultimate states and one UNet call on them: what a generation reads,
     for a fraction of a pipeline call's time."""
