@@ -37,6 +37,10 @@ _LAZY = {
     "generate_samples": "generate",
     "HubError": "hub",
     "push_to_hub": "hub",
+    "evaluate_adapter": "evaluate",
+    "EvaluationResult": "evaluate",
+    "load_any_adapter": "any_adapter",
+    "save_tiny_scorers": "tiny_scorers",
     "save_model_card": "hub",
 }
 

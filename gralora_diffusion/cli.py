@@ -19,6 +19,7 @@ COMMANDS = {
     "info": "info",
     "push": "push",
     "make-tiny": "make_tiny",
+    "evaluate": "evaluate",
 }
 
 
