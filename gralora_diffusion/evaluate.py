@@ -108,9 +108,8 @@ def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEF
 
     from .metrics import ClipEmbedder, DinoEmbedder, DreamBoothScorer
 
-    with quiet_libraries():
-        dino = DinoEmbedder(dino_model, device) if dino_model else None
-        clip = ClipEmbedder(clip_model, device) if clip_model else None
+    dino = DinoEmbedder(dino_model, device) if dino_model else None
+    clip = ClipEmbedder(clip_model, device) if clip_model else None
     scorers = [DreamBoothScorer(instance_images, dino, clip, identifier)] if (dino or clip) else []
     if base_model in BASE_SCORERS:
         module, _, function = BASE_SCORERS[base_model].partition(":")

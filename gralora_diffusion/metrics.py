@@ -68,7 +68,8 @@ def load_pretrained(loader, name: str, flag: str, **kwargs):
         except HFValidationError:
             raise GraloraConfigError(f"{flag} {name}: no such folder, and not a Hub repo id (org/name).") from None
     try:
-        return loader.from_pretrained(str(folder) if folder.exists() else name, **kwargs)
+        with quiet_libraries():
+            return loader.from_pretrained(str(folder) if folder.exists() else name, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if folder.exists():
