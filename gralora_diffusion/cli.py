@@ -20,6 +20,7 @@ COMMANDS = {
     "info": "info",
     "push": "push",
     "make-tiny": "make_tiny",
+    "evaluate": "evaluate",
 }
 # Commands that run models on the CPU: they choose torch's thread count and say so.
 COMPUTE_COMMANDS = {"quickstart", "train", "generate", "export-lora", "evaluate", "compare"}
