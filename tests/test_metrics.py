@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from loader_support import one_thread  # noqa: F401 (autouse: one torch thread, see there)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 from PIL import Image
 
 from gralora_diffusion.errors import GraloraConfigError

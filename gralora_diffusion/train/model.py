@@ -12,6 +12,10 @@ from ..errors import TrainConfigError
 def load_pipeline(cfg):
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    from ..threads import announce
+
+    announce()
+
     kwargs = {"revision": cfg.revision, "variant": cfg.variant}
     try:
         if cfg.pretrained_vae_model_name_or_path:
