@@ -27,3 +27,7 @@ class TrainConfigError(GraloraError, ValueError):
 
 class TrainingError(GraloraError, RuntimeError):
     """Training went wrong while running (a NaN/Inf loss, non-finite weights)."""
+
+
+class UnreadableImageError(TrainingError):
+    """A training image whose pixels cannot be decoded, met while training (its header read fine)."""

@@ -10,6 +10,14 @@ import os
 from .errors import GraloraConfigError
 
 
+NUM_THREADS_HELP = "CPU threads for torch (default: OMP_NUM_THREADS, else half the cores, at most 4)"
+
+
+def add_argument(parser) -> None:
+    """`--num_threads N` for a command that runs models (the CLI's and the training script's)."""
+    parser.add_argument("--num_threads", type=int, default=None, help=NUM_THREADS_HELP)
+
+
 def choose_num_threads(requested: int | None = None) -> tuple[int, str]:
     """(threads, where the number came from): --num_threads, else OMP_NUM_THREADS, else the default."""
     if requested is not None:

@@ -14,6 +14,7 @@ import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet optional-backend notices at import
 
+from gralora_diffusion import threads
 from gralora_diffusion.errors import GraloraError
 from gralora_diffusion.train import TrainConfig, train
 from gralora_diffusion.train.config import add_arguments
@@ -22,12 +23,16 @@ from gralora_diffusion.train.config import add_arguments
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    threads.add_argument(parser)
     args = parser.parse_args(argv)
     try:
-        train(TrainConfig.from_args(args))
+        threads.set_num_threads(args.num_threads)  # said when the model starts to load, as in the CLI
+        train(TrainConfig.from_args(args), command=f"accelerate launch {sys.argv[0]}")
     except GraloraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train() has said where the last checkpoint is and how to resume
+        return 130
     return 0
 
 

@@ -82,5 +82,5 @@ def test_an_image_broken_past_its_header_stops_training_naming_the_file(tmp_path
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good, format="JPEG")
     (tmp_path / "cut.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])  # header intact, pixels cut
     records = scan_images(tmp_path, "a photo")  # a JPEG's pixels are not checked at index time
-    with pytest.raises(TrainingError, match=r"cut\.jpg: cannot decode the image.*resume"):
+    with pytest.raises(TrainingError, match=r"cut\.jpg: cannot decode the image.*Remove or replace it"):
         DreamBoothDataset(records, resolution=32)[0]

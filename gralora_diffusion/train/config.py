@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -98,7 +99,8 @@ class TrainConfig:
     seed: int | None = _opt("seed for a reproducible run")
     push_to_hub: bool = _opt("upload the adapter, model card and samples to the Hub when done (GraLoRA only)", default=False)
     hub_model_id: str | None = _opt("Hub repository for --push_to_hub (default: the --output_dir folder name)")
-    report_to: str = _opt("tensorboard | wandb | none", default="tensorboard")
+    save_precision: str = _opt("dtype of the final adapter file (checkpoints stay fp32)", default="fp32", choices=("fp32", "fp16", "bf16"))
+    report_to: str | None = _opt("tensorboard | wandb | none (default: tensorboard when the package is installed, else none)")
     logging_dir: str = _opt("TensorBoard log folder, relative to --output_dir", default="logs")
 
     # ---- construction -------------------------------------------------------------------------
@@ -135,6 +137,19 @@ class TrainConfig:
         return float(2 * self.rank if self.alpha is None else self.alpha)
 
     @property
+    def hub_repo_id(self) -> str:
+        return self.hub_model_id or Path(self.output_dir).expanduser().resolve().name
+
+    def logging_note(self) -> str | None:
+        """What the run logs where, once `validate` has chosen --report_to (None: nothing to say)."""
+        logs = Path(self.output_dir) / self.logging_dir
+        if self.report_to == "tensorboard":
+            return f"TensorBoard logs: {logs} (view with `tensorboard --logdir {logs}`)"
+        if self.report_to == "none" and getattr(self, "_report_to_chosen", False):
+            return "No TensorBoard logs: the tensorboard package is not installed (`pip install tensorboard`, then --report_to tensorboard)."
+        return None
+
+    @property
     def validation_prompts(self) -> list[str]:
         return [p.strip() for p in (self.validation_prompt or "").split("|") if p.strip()]
 
@@ -145,6 +160,10 @@ class TrainConfig:
     # ---- checks -------------------------------------------------------------------------------
     def validate(self, need_model: bool = True) -> "TrainConfig":
         self._check_types()
+        self._check_finite_numbers()
+        if self.report_to is None:  # what is installed: a fresh install has no tensorboard
+            self.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+            self._report_to_chosen = True
         if need_model and not self.pretrained_model_name_or_path:
             raise TrainConfigError("--pretrained_model_name_or_path is required (a Hub id or a local folder, e.g. from `gralora-diffusion make-tiny DIR`).")
         if not self.instance_data_dir:
@@ -170,6 +189,8 @@ class TrainConfig:
             raise TrainConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
         if self.push_to_hub and self.adapter != "gralora":
             raise TrainConfigError("--push_to_hub uploads GraLoRA adapters; the --adapter lora baseline stays local.")
+        if self.push_to_hub or self.hub_model_id:
+            self._check_hub_repo_id()
         if self.aspect_buckets:
             self.bucket_list()
         if need_model:
@@ -229,6 +250,25 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise TrainConfigError(f"--{f.name}={value!r}: choose one of {', '.join(choices)}.")
+
+    def _check_finite_numbers(self) -> None:
+        """The one finiteness rule for every float setting: argparse's float() and TOML/YAML files all
+        accept nan and inf, which would otherwise reach the model as NaN weights or a NaN loss."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainConfigError(f"--{f.name}={value}: must be a finite number.")
+
+    def _check_hub_repo_id(self) -> None:
+        """Before training, not after it: the push is the run's last step."""
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(self.hub_repo_id)
+        except HFValidationError as err:
+            flag = "--hub_model_id" if self.hub_model_id else "--push_to_hub (repo id from the --output_dir folder name)"
+            raise TrainConfigError(f"{flag} {self.hub_repo_id!r} is not a valid Hub repo id: {err} "
+                                   "Use `name` or `your-name/name` (letters, digits, -, _, .).") from None
 
     def _check_targets(self) -> None:
         """Presets, module-name lists and regexes as `add_adapters` will read them; a bare word that is

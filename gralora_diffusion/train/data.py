@@ -11,6 +11,7 @@ that is what makes a resumed run and a cached-latents run see the very same data
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..constants import IMAGE_SUFFIXES
-from ..errors import TrainConfigError, TrainingError
+from ..errors import TrainConfigError, UnreadableImageError
 
 logger = logging.getLogger("gralora_diffusion.train")
 
@@ -77,25 +78,46 @@ def displayed_size(path: Path) -> tuple[int, int]:
     return (width, height) if orientation in _TRANSPOSED else (height, width)
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file; anything else is one line naming the file (not a UnicodeDecodeError)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TrainConfigError(f"{path}: {what} is not valid UTF-8 (byte {err.start}); save it as UTF-8.") from None
+    except OSError as err:
+        raise TrainConfigError(f"{path}: cannot read the {what} ({err.strerror or err}).") from None
+
+
 def _read_captions(folder: Path) -> dict[str, str]:
-    """file name -> caption from metadata.jsonl (diffusers' ImageFolder layout: file_name + text)."""
+    """file name -> caption from metadata.jsonl (diffusers' ImageFolder layout: file_name + text).
+    A null or empty caption means none: the image falls back to the prompt."""
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         return {}
     captions = {}
-    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(meta, "the caption file").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             name = row["file_name"]
-            caption = next(row[k] for k in CAPTION_KEYS if k in row)
-        except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
+            if not any(k in row for k in CAPTION_KEYS):
+                raise KeyError(CAPTION_KEYS[0])
+            caption = next((row[k] for k in CAPTION_KEYS if row.get(k) is not None), "")
+        except (json.JSONDecodeError, KeyError, TypeError):
             raise TrainConfigError(
                 f"{meta}, line {number}: expected a JSON object with \"file_name\" and one of {', '.join(CAPTION_KEYS)}."
             ) from None
-        captions[str(name)] = str(caption)
+        if str(caption).strip():
+            captions[str(name)] = str(caption).strip()
     return captions
+
+
+def caption_for(path: Path, captions: dict[str, str], prompt: str | None) -> str | None:
+    """<image>.txt beside the image, else metadata.jsonl's caption, else `prompt`; empty ones count as none."""
+    txt = path.with_suffix(".txt")
+    caption = read_text(txt, "the caption file").strip() if txt.is_file() else ""
+    return caption or captions.get(path.name) or prompt
 
 
 def scan_images(folder, prompt: str | None, what: str = "instance") -> list[ImageRecord]:
@@ -119,8 +141,7 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
         except _UNREADABLE as err:
             logger.warning("warning: skipping %s: unreadable image (%s)", path, str(err).split("\n")[0])
             continue
-        txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else captions.get(path.name, prompt)
+        caption = caption_for(path, captions, prompt)
         if not caption:
             uncaptioned.append(path.name)
             continue
@@ -172,9 +193,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         try:
             image = load_image(record.path)
         except _UNREADABLE as err:
-            raise TrainingError(
+            raise UnreadableImageError(
                 f"{record.path}: cannot decode the image ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
-                "Remove or replace it, then resume with --resume_from_checkpoint latest."
+                "Remove or replace it."
             ) from None
         original = (image.height, image.width)
         th, tw = target
@@ -243,11 +264,12 @@ class EpochBatches:
         return [[(epoch, i) for i in b] for b in batches[self.rank :: self.num_replicas]]
 
 
-def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: int, seed: int, log=print) -> int:
+def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: int, seed: int, log=print, progress=None) -> int:
     """Generate class images until `folder` holds `count` readable images, with
     `generate(prompts, generators) -> PIL images` (the base model). Image i is named class-{i:05d}.png
     and drawn with seed (seed, i), so a run killed halfway and restarted ends with exactly the
-    images an uninterrupted run writes. Returns how many were generated."""
+    images an uninterrupted run writes. `progress(total)` makes a progress bar (counted in images).
+    Returns how many were generated."""
     from ..adapter_file import atomic_write
 
     folder = Path(folder)
@@ -262,9 +284,12 @@ def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: i
             todo.append(i)
         i += 1
     log(f"Generating {missing} class image(s) for prior preservation in {folder} ...")
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        images = generate([prompt] * len(chunk), [torch.Generator().manual_seed(seed * 100003 + j) for j in chunk])
-        for j, image in zip(chunk, images):
-            atomic_write(folder / f"class-{j:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+    with progress(missing) if progress else contextlib.nullcontext() as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            images = generate([prompt] * len(chunk), [torch.Generator().manual_seed(seed * 100003 + j) for j in chunk])
+            for j, image in zip(chunk, images):
+                atomic_write(folder / f"class-{j:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+            if bar is not None:
+                bar.update(len(chunk))
     return missing

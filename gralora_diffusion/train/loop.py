@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,15 +20,15 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import TrainingError
+from ..errors import TrainingError, UnreadableImageError
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochBatches, collate, ensure_class_images, logger, scan_images
 from .checkpoint import check_checkpoint, load_training_state, run_history, save_training_state, shaping_settings
 from .lock import output_dir_lock
 from .loss import BatchLoss
 from .model import add_adapters, freeze_and_place, load_pipeline, make_optimizer, param_groups
-from .sampling import generate_images, generate_samples, save_samples
-from .save import all_finite, complete_checkpoints, save_config, save_final_adapter, training_summary, write_checkpoint
+from .sampling import generate_images, generate_samples, save_samples, step_bar
+from .save import all_finite, complete_checkpoints, resume_hint, save_config, save_final_adapter, share, write_checkpoint
 
 
 @dataclass
@@ -88,24 +89,37 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
     return cfg.checkpoint_path(cfg.resume_from_checkpoint)
 
 
-def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None] | None = None,
+          command: str = "gralora-diffusion train") -> TrainResult:
     """Train an adapter as `cfg` says. `pipeline`: an SDXL pipeline already in memory (then
     `--pretrained_model_name_or_path` only names it in the outputs). `on_step(step, loss)` runs
-    after every update on every process."""
+    after every update on every process. `command` starts the resume command that an interrupted
+    run (Ctrl-C, an unreadable image) prints."""
     cfg.validate(need_model=pipeline is None)
     instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt, "instance")  # before any model loads
     resume_from = find_resume_checkpoint(cfg)
     resumed = check_checkpoint(resume_from, cfg) if resume_from else None  # also before any model loads
     if cfg.seed is None:
         cfg.seed = resumed["seed"] if resumed else random.SystemRandom().randrange(2**31)
-    with output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg, instances, resume_from, resumed, pipeline, on_step)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with output_dir_lock(cfg.output_dir, enabled=main):
+        try:
+            return _train(cfg, instances, resume_from, resumed, pipeline, on_step)
+        except KeyboardInterrupt:
+            if main:
+                print(f"\nTraining interrupted. {resume_hint(cfg, command)}", file=sys.stderr, flush=True)
+            raise
+        except UnreadableImageError as err:
+            # a DataLoader worker's error arrives with its traceback in the message: keep its last line
+            text = str(err).strip().splitlines()[-1].split("UnreadableImageError: ", 1)[-1]
+            raise UnreadableImageError(f"{text} {resume_hint(cfg, command)}") from None
 
 
 def _train(cfg, instances, resume_from, resumed, pipeline, on_step) -> TrainResult:
     from accelerate.state import AcceleratorState
 
     accelerator = make_accelerator(cfg)
+    run = None
     try:
         run = setup(cfg, accelerator, instances, (resume_from, resumed), pipeline)
         for epoch in range(run.global_step // run.updates_per_epoch, math.ceil(run.max_steps / run.updates_per_epoch)):
@@ -125,6 +139,10 @@ def _train(cfg, instances, resume_from, resumed, pipeline, on_step) -> TrainResu
                 if run.done:
                     break
         return finish(run)
+    except BaseException:
+        if run is not None and run.progress is not None:
+            run.progress.close()  # ends the bar's line, so what follows (the error) starts on its own
+        raise
     finally:
         accelerator.end_training()
         AcceleratorState._reset_state()  # so a later train() in this process may pick other settings
@@ -162,7 +180,18 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = pipe if pipe is not None else load_pipeline(cfg)
+    if pipe is None:
+        from transformers.utils import logging as transformers_logging
+
+        # diffusers' "Loading pipeline components" bar is the loading bar; transformers' per-model
+        # "Loading weights" bars inside it are noise
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            pipe = load_pipeline(cfg)
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
     freeze_and_place(cfg, pipe, device, weight_dtype)
     classes = class_images(cfg, accelerator, pipe)  # from the base model, before any adapter
 
@@ -191,6 +220,8 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         save_config(cfg, out, run.history)
         tracked = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("gralora-dreambooth", config=tracked)
+        if cfg.logging_note():
+            tqdm.write(cfg.logging_note())
     set_seed(cfg.seed, device_specific=True)  # different noise on each process
     resume(run, resume_from)
     run.progress = tqdm(total=run.max_steps, initial=run.global_step, desc="train", disable=not main)
@@ -206,7 +237,8 @@ def class_images(cfg: TrainConfig, accelerator, pipe):
             return generate_images(pipe, prompts, generators, cfg.resolution, cfg.num_inference_steps, accelerator.autocast)
 
         ensure_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, generate,
-                            cfg.sample_batch_size, cfg.seed, log=tqdm.write)
+                            cfg.sample_batch_size, cfg.seed, log=tqdm.write,
+                            progress=lambda total: step_bar(total, "class images", unit="image", position=0))
     accelerator.wait_for_everyone()
     return scan_images(cfg.class_data_dir, cfg.class_prompt, "class")[: cfg.num_class_images]
 
@@ -323,11 +355,14 @@ def sample(run: Run, tag: str) -> tuple[Path | None, list[Path]]:
         return None, []
     for model in run.components.values():
         model.eval()
+    below_training_bar = run.progress is not None and not run.progress.disable  # a closed bar is disabled
     rows = generate_samples(run.pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.resolution,
-                            cfg.num_inference_steps, cfg.seed, run.accelerator.autocast)
+                            cfg.num_inference_steps, cfg.seed, run.accelerator.autocast,
+                            desc=f"samples ({tag})", position=1 if below_training_bar else 0)
     for model in run.components.values():
         model.train()
-    grid, images = save_samples(rows, run.out / "samples", tag)
+    grid, images = save_samples(rows, run.out / "samples", tag, cfg.validation_prompts,
+                                [cfg.seed + i for i in range(cfg.num_validation_images)])
     run.say(f"step {run.global_step}: wrote samples {grid}")
     return grid, images
 
@@ -348,18 +383,3 @@ def finish(run: Run) -> TrainResult:
     run.accelerator.wait_for_everyone()
     return TrainResult(run.out, weights_path, run.global_step, run.losses, run.components, run.pipe, grid)
 
-
-def share(cfg: TrainConfig, out: Path, grid: Path | None, images: list[Path], say, history=None) -> None:
-    """The model card (README.md) beside the adapter, then the push with --push_to_hub."""
-    from ..hub import push_to_hub, save_model_card
-
-    prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
-    rel = [str(p.relative_to(out)) for p in images]
-    card = save_model_card(out, repo_id=cfg.hub_model_id, images=rel + ([str(grid.relative_to(out))] if grid else []),
-                           prompts=prompts or None, training=training_summary(cfg, history),
-                           grid=str(grid.relative_to(out)) if grid else None)
-    say(f"Wrote the model card {card}")
-    if cfg.push_to_hub:
-        repo_id = cfg.hub_model_id or out.resolve().name
-        push_to_hub(out, repo_id)
-        say(f"Pushed {out} to the Hub as {repo_id}")

@@ -1,5 +1,6 @@
 """Sample images during and after training: every validation prompt x N seeds, saved one by one
-and as a grid (rows = prompts, columns = seeds) with diffusers' `make_image_grid`."""
+and as a grid labelled with the prompts (rows) and seeds (columns), with `generate.labelled_grid`.
+Each long step has its own progress bar, below the training bar (`step_bar`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import contextlib
 from pathlib import Path
 
 import torch
-from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from ..generate import labelled_grid
+
+
+def step_bar(total: int, desc: str, unit: str = "step", position: int = 1):
+    """A bar for a long step inside training: at `position` 1 it sits under the training bar instead
+    of overwriting it, and `leave=False` removes it when done, so the training bar carries on."""
+    return tqdm(total=total, desc=desc, unit=unit, position=position, leave=False, dynamic_ncols=True)
 
 
 def latent_stats(vae_config, like: torch.Tensor):
@@ -18,39 +27,53 @@ def latent_stats(vae_config, like: torch.Tensor):
     return tuple(torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1) for v in (mean, std))
 
 
-def generate_images(pipeline, prompts: list[str], generators: list, resolution: int, steps: int, autocast=contextlib.nullcontext) -> list:
+def generate_images(pipeline, prompts: list[str], generators: list, resolution: int, steps: int, autocast=contextlib.nullcontext,
+                    on_step=None) -> list:
     """PIL images. Denoising runs under `autocast` (mixed precision); the VAE decodes outside it in
     its own dtype, because SDXL's VAE overflows in fp16 (the pipeline would only upcast an fp16 VAE).
-    The global RNG is left as it was, so sampling mid-run does not change the rest of the run."""
+    The global RNG is left as it was, so sampling mid-run does not change the rest of the run.
+    `on_step()` runs after each denoising step (the pipeline's `callback_on_step_end`)."""
     vae = pipeline.vae
+
+    def callback(pipe, i, t, kwargs):
+        on_step()  # tqdm's update returns True when it redrew: not what the pipeline wants back
+        return kwargs
+
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         with autocast():
             latents = pipeline(prompts, num_inference_steps=steps, height=resolution, width=resolution,
-                               generator=generators, output_type="latent").images
+                               generator=generators, output_type="latent",
+                               callback_on_step_end=callback if on_step is not None else None).images
         latents = latents.to(vae.dtype)
         stats = latent_stats(vae.config, latents)
         latents = latents / vae.config.scaling_factor if stats is None else latents * stats[1] / vae.config.scaling_factor + stats[0]
         return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
 
 
-def generate_samples(pipeline, prompts: list[str], num_images: int, resolution: int, steps: int, seed: int, autocast=contextlib.nullcontext) -> list[list]:
-    """[prompt][i] PIL images; image i of every prompt uses seed + i."""
-    return [
-        generate_images(pipeline, [prompt] * num_images, [torch.Generator().manual_seed(seed + i) for i in range(num_images)],
-                        resolution, steps, autocast)
-        for prompt in prompts
-    ]
+def generate_samples(pipeline, prompts: list[str], num_images: int, resolution: int, steps: int, seed: int,
+                     autocast=contextlib.nullcontext, desc: str = "samples", position: int = 1) -> list[list]:
+    """[prompt][i] PIL images; image i of every prompt uses seed + i. A bar counts the denoising steps."""
+    with step_bar(len(prompts) * steps, desc, position=position) as bar:
+        return [
+            generate_images(pipeline, [prompt] * num_images, [torch.Generator().manual_seed(seed + i) for i in range(num_images)],
+                            resolution, steps, autocast, on_step=bar.update)
+            for prompt in prompts
+        ]
 
 
-def save_samples(rows: list[list], folder: Path, tag: str) -> tuple[Path, list[Path]]:
-    """Write `{tag}-p{prompt}-{i}.png` for each image and `{tag}-grid.png`; return (grid, images)."""
+def save_samples(rows: list[list], folder: Path, tag: str, prompts: list[str] | None = None,
+                 seeds: list[int] | None = None) -> tuple[Path, list[Path]]:
+    """Write `{tag}-p{prompt}-{i}.png` for each image and `{tag}-grid.png`, its rows labelled with
+    `prompts` and its columns with `seeds`; return (grid, images)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for p, row in enumerate(rows):
         for i, image in enumerate(row):
             paths.append(folder / f"{tag}-p{p}-{i}.png")
             image.save(paths[-1])
-    grid = make_image_grid([im for row in rows for im in row], rows=len(rows), cols=len(rows[0]))
+    prompts = prompts or [f"prompt {p}" for p in range(len(rows))]
+    seeds = seeds if seeds is not None else list(range(len(rows[0])))
+    grid = labelled_grid(rows, list(prompts), [f"seed {s}" for s in seeds])
     grid_path = folder / f"{tag}-grid.png"
     grid.save(grid_path)
     return grid_path, paths

@@ -1,4 +1,5 @@
-"""What training writes: the final adapter, the resolved config, and resumable checkpoints.
+"""What training writes: the final adapter, the resolved config, the model card (and push), and
+resumable checkpoints; and what to run to resume from them.
 
 Checkpoints (what they hold: `checkpoint.py`) are written under a temporary name and renamed when
 complete (a kill leaves a `.tmp-` folder that nothing reads). `training_state.json` is written last
@@ -8,6 +9,7 @@ and marks a checkpoint as complete. Only adapter weights are saved, never the fr
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -16,34 +18,49 @@ import yaml
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ..constants import CONFIG_NAME, LORA_WEIGHT_NAME, STATE_NAME, WEIGHT_NAME
+from ..constants import CONFIG_NAME, LORA_WEIGHT_NAME, STATE_NAME, WEIGHT_NAME, torch_dtype
 from ..adapter_file import atomic_write, collect_adapter, save_adapter_file
-
+from ..errors import TrainingError
 
 
 def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[dict] | None = None) -> Path:
     """GraLoRA: our adapter file, base model id and instance prompt in the header.
-    LoRA: diffusers' format through `save_lora_weights`, so stock `load_lora_weights` reads it."""
+    LoRA: diffusers' format through `save_lora_weights`, so stock `load_lora_weights` reads it.
+    Tensors in `--save_precision` (fp32 as trained, or fp16/bf16 as kohya users expect)."""
+    dtype = torch_dtype(cfg.save_precision, what="--save_precision")
     if cfg.adapter == "lora":
         from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
         kwargs = {}
         for name, model in components.items():
-            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            kwargs[f"{name}_lora_layers"] = {k: cast_finite(v, dtype, k) for k, v in layers.items()}
             # the LoraConfig (alpha = 2r by default) goes in the header; without it loaders assume alpha = r
             kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
         StableDiffusionXLPipeline.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
         return output_dir / LORA_WEIGHT_NAME
     state_dicts, configs = collect_adapter(components, adapter_name="default")
+    state_dicts = {c: {k: cast_finite(v, dtype, f"{c}.{k}") for k, v in sd.items()} for c, sd in state_dicts.items()}
     metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg, history))}
     return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=cfg.pretrained_model_name_or_path, metadata=metadata)
+
+
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """`tensor` in `dtype`, refused when the cast made a finite value inf (fp16 holds at most 65504)."""
+    cast = tensor.detach().to(dtype)
+    if dtype != tensor.dtype and not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
+        raise TrainingError(f"--save_precision {dtype}: {name} holds values {dtype} cannot hold (largest "
+                            f"{tensor.abs().max().item():.3g}); save with --save_precision fp32 or bf16. "
+                            "The checkpoints keep the fp32 weights.")
+    return cast
 
 
 def training_summary(cfg, history: list[dict] | None = None) -> dict:
     """For the model card and the adapter header; the values are those of the last stretch of the run,
     and `resumed_with` says what a resumed run changed, from which step."""
-    keys = ("adapter", "rank", "gralora_k", "hybrid_r", "resolution", "learning_rate", "max_train_steps", "train_batch_size", "seed")
+    keys = ("adapter", "rank", "gralora_k", "hybrid_r", "resolution", "learning_rate", "max_train_steps", "train_batch_size", "seed",
+            "save_precision")
     summary = {k: getattr(cfg, k) for k in keys} | {"alpha": cfg.resolved_alpha}
     changes = []
     for before, after in zip(history or [], (history or [])[1:]):
@@ -62,6 +79,22 @@ def save_config(cfg, output_dir: Path, history: list[dict] | None = None) -> Pat
     text = "\n".join(earlier + note + [yaml.safe_dump(cfg.to_dict(), sort_keys=False)])
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+def share(cfg, out: Path, grid: Path | None, images: list[Path], say, history=None) -> None:
+    """The model card (README.md) beside the adapter, then the push with --push_to_hub."""
+    from ..hub import push_to_hub, save_model_card
+
+    prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
+    rel = [str(p.relative_to(out)) for p in images]
+    card = save_model_card(out, repo_id=cfg.hub_model_id, images=rel + ([str(grid.relative_to(out))] if grid else []),
+                           prompts=prompts or None, training=training_summary(cfg, history),
+                           grid=str(grid.relative_to(out)) if grid else None)
+    say(f"Wrote the model card {card}")
+    if cfg.push_to_hub:
+        repo_id = cfg.hub_repo_id
+        push_to_hub(out, repo_id)
+        say(f"Pushed {out} to the Hub as {repo_id}")
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -113,6 +146,19 @@ def write_checkpoint(accelerator, output_dir: Path, step: int, save, state: dict
                     shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_hint(cfg, command: str = "gralora-diffusion train") -> str:
+    """Whether a checkpoint exists, and the exact command that resumes from it (`command` is how this
+    run was started: the CLI, or `accelerate launch scripts/...`)."""
+    out = Path(cfg.output_dir)
+    found = complete_checkpoints(out)
+    if not found:
+        return "No checkpoint was written yet: run the same command again to start over."
+    config = out / CONFIG_NAME
+    how = (f"{command} --config {shlex.quote(str(config))} --resume_from_checkpoint latest" if config.is_file()
+           else "the same command with --resume_from_checkpoint latest")
+    return f"Last checkpoint: {found[-1]}. Resume with: {how}"
 
 
 def all_finite(params) -> bool:
