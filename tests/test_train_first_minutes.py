@@ -265,3 +265,27 @@ def test_sigint_exits_130_and_the_printed_command_resumes(tmp_path, tiny_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"Resumed from {out / f'checkpoint-{step}'} at step {step}." in done.stdout
     assert (out / WEIGHT_NAME).is_file()
+
+
+# ---- the accelerate script chooses threads like the CLI --------------------------------------------
+def _script():
+    import importlib.util as iu
+    from conftest import ROOT
+
+    spec = iu.spec_from_file_location("train_script", ROOT / "scripts" / "train_dreambooth_gralora_sdxl.py")
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accelerate_script_takes_num_threads(tmp_path, capsys, no_model_load):
+    script = _script()
+    base = ["--pretrained_model_name_or_path", "some/model", "--instance_data_dir", str(SAMPLES),
+            "--instance_prompt", PROMPT, "--output_dir", str(tmp_path / "out")]
+    assert script.main([*base, "--num_threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --num_threads 0: give 1 or more."
+    try:
+        assert script.main([*base, "--num_threads", "2", "--alpha", "nan"]) == 2  # chosen, then the settings refused
+        assert torch.get_num_threads() == 2 and "--alpha=nan" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(1)
