@@ -160,3 +160,72 @@ def test_gradient_checkpointing(use_reentrant):
     assert {n.removeprefix("inner."): g for n, g in grads.items()}.keys() == grads_ref.keys()
     for name, grad in grads.items():
         assert rel(grad, grads_ref[name.removeprefix("inner.")]) <= 1e-6, name
+
+
+def run_autocast(model, x, dtype, seed=0):
+    """`run` under CPU autocast: the backward outside it, as a training loop does."""
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    (out * weight).sum().backward()
+    grads = {"x": x.grad}
+    grads.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,hybrid_r", [(1, 0), (2, 0), (4, 0), (2, 4), (4, 4)])
+def test_autocast_matches_peft_with_fp32_master_weights(autocast_dtype, base_dtype, k, hybrid_r):
+    """Mixed-precision training: frozen base in fp32 or bf16, adapter kept in fp32, forward under
+    autocast. Values and gradients within the autocast dtype's tolerance of PEFT's autocast path;
+    gradients reach the parameters in fp32; the output keeps the base Linear's (autocast) dtype."""
+    model, ours = peft_and_ours(k=k, hybrid_r=hybrid_r, dtype=base_dtype, adapter_dtype=torch.float32)
+    x = torch.randn(2, 7, 64, dtype=base_dtype)
+    out_ref, grads_ref = run_autocast(model, x, autocast_dtype)
+    out, grads = run_autocast(ours, x, autocast_dtype)
+    assert out.dtype == autocast_dtype  # as nn.Linear and PEFT's LoRA under autocast
+    assert rel(out, out_ref) <= 1e-2
+    assert grads.keys() == grads_ref.keys()
+    names = {n.split(".")[1] for n in grads if "gralora" in n}
+    assert {"gralora_A", "gralora_B"} <= names and (not hybrid_r or "gralora_A_general" in names)
+    for name, grad in grads.items():
+        ref = grads_ref[name]
+        assert grad.dtype == ref.dtype, name  # fp32 for the adapter, the input's dtype for x
+        assert rel(grad, ref) <= 2e-2, (name, rel(grad, ref))
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+def test_autocast_dropout_same_seed(hybrid_r):
+    model, ours = peft_and_ours(k=2, hybrid_r=hybrid_r, dropout=0.3, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    model.train(), ours.train()
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    out_ref, grads_ref = run_autocast(model, x, torch.bfloat16, seed=3)
+    out, grads = run_autocast(ours, x, torch.bfloat16, seed=3)
+    assert rel(out, out_ref) <= 1e-2
+    for name in grads_ref:
+        assert rel(grads[name], grads_ref[name]) <= 2e-2, name
+
+
+def test_autocast_disabled_adapter_and_merged_match_peft():
+    model, ours = peft_and_ours(k=2, hybrid_r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    for m in (model, ours):
+        m.proj.enable_adapters(False)
+    out_ref, _ = run_autocast(model, x, torch.bfloat16)
+    out, _ = run_autocast(ours, x, torch.bfloat16)
+    assert torch.equal(out, out_ref)
+
+
+def test_autocast_gradient_checkpointing():
+    """Checkpointing re-runs the forward under the saved autocast state: same gradients."""
+    _, ours = peft_and_ours(k=2, hybrid_r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    out_ref, grads_ref = run_autocast(ours, x, torch.bfloat16)
+    ours.zero_grad(set_to_none=True)
+    out, grads = run_autocast(Checkpointed(ours, use_reentrant=False), x, torch.bfloat16)
+    assert torch.equal(out, out_ref)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_ref[name.removeprefix("inner.")]), name
