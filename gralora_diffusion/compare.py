@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import GraloraConfigError
+from .errors import GraloraConfigError, TrainConfigError
 from .train.config import TrainConfig
 
 # The default set: GraLoRA, Hybrid GraLoRA and LoRA at the same parameter count ((r + hybrid_r)(in + out)).
@@ -317,8 +317,11 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     first = 0 if cfg.seed is None else cfg.seed
     seeds = list(range(first, first + seeds_per_variant))
     runs = [(v, run_config(cfg, v, s)) for v in variants for s in seeds]
-    for _, rcfg in runs:  # every variant's settings, before any model loads
-        rcfg.validate(need_model=base not in EMBEDDED_BASES)
+    for variant, rcfg in runs:  # every variant's settings, before any model loads
+        try:
+            rcfg.validate(need_model=base not in EMBEDDED_BASES)
+        except TrainConfigError as err:
+            raise TrainConfigError(f"--variants {variant.spec}: {err}") from None
     subject = subject_of(cfg.instance_prompt)
     prompts = list(prompts or []) or (default_prompts(subject) if subject else [])
     if not prompts:
