@@ -131,8 +131,12 @@ def instance_scorers(instance_data_dir, instance_prompt, dino_model, clip_model,
     """`build_scorers` for a training run: its instance images, the identifier read from its instance
     prompt ('a photo of sks teapot' -> 'sks')."""
     subject = subject_of(instance_prompt)
-    return build_scorers(read_instance_images(instance_data_dir), dino_model, clip_model,
-                         default_identifier(subject) if subject else None, device, base_model)
+    scorers = build_scorers(read_instance_images(instance_data_dir), dino_model, clip_model,
+                            default_identifier(subject) if subject else None, device, base_model)
+    if not scorers:
+        raise GraloraConfigError(f"--dino_model and --clip_model are none and the base {base_model!r} has no scorers of "
+                                 "its own (evaluate.BASE_SCORERS): nothing to score with; give a DINO or CLIP model.")
+    return scorers
 
 
 def generate_grid(pipe, prompts, seeds, steps, guidance=5.0, resolution=None, negative_prompt=None, progress=None):

@@ -112,5 +112,8 @@ def test_validation_metrics_are_logged_to_tensorboard(scorers, tmp_path):
     for name in ("dino", "clip_i", "clip_t"):
         steps = [e.step for e in events.Scalars(f"validation/{name}")]
         assert steps == [1, 2] and all(-1 <= e.value <= 1 for e in events.Scalars(f"validation/{name}"))
+    with pytest.raises(GraloraConfigError, match="nothing to score with"):
+        train(TrainConfig(**{**cfg.to_dict(), "dino_model": "none", "clip_model": "none", "output_dir": str(tmp_path / "none")}),
+              pipeline=gd.tiny_sdxl_pipeline(seed=0))
     with pytest.raises(TrainConfigError, match="--validation_prompt"):
         TrainConfig(instance_data_dir=str(SAMPLES), validation_metrics=True).validate(need_model=False)
