@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
 from ..adapter_config import AdapterSettings
 from ..sources import check_model_path  # re-exported: part of this module's public names
@@ -100,6 +101,11 @@ class TrainConfig:
     hub_model_id: str | None = _opt("Hub repository for --push_to_hub (default: the --output_dir folder name)")
     report_to: str = _opt("tensorboard | wandb | none", default="tensorboard")
     logging_dir: str = _opt("TensorBoard log folder, relative to --output_dir", default="logs")
+    # metrics (train --validation_metrics, and compare's evaluation)
+    validation_metrics: bool = _opt("score every validation's samples against the instance images (DINO, CLIP-I, CLIP-T, "
+                                    "plus the base's own scorers) and log them to --report_to", default=False)
+    dino_model: str = _opt("DINO model for the metrics: Hub id or folder; none skips DINO", default=DEFAULT_DINO_MODEL)
+    clip_model: str = _opt("CLIP model for the metrics: Hub id or folder; none skips CLIP-I and CLIP-T", default=DEFAULT_CLIP_MODEL)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -135,6 +141,11 @@ class TrainConfig:
         return float(2 * self.rank if self.alpha is None else self.alpha)
 
     @property
+    def metric_models(self) -> tuple[str | None, str | None]:
+        """(dino_model, clip_model), `none` as None."""
+        return tuple(None if str(m).lower() == "none" else m for m in (self.dino_model, self.clip_model))
+
+    @property
     def validation_prompts(self) -> list[str]:
         return [p.strip() for p in (self.validation_prompt or "").split("|") if p.strip()]
 
@@ -168,6 +179,8 @@ class TrainConfig:
             raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise TrainConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+        if self.validation_metrics and not self.validation_prompts:
+            raise TrainConfigError("--validation_metrics scores the validation samples: give --validation_prompt too.")
         if self.push_to_hub and self.adapter != "gralora":
             raise TrainConfigError("--push_to_hub uploads GraLoRA adapters; the --adapter lora baseline stays local.")
         if self.aspect_buckets:
