@@ -24,11 +24,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _create_temp(path)
+        tmp, mode = _create_temp(path)
     except OSError as err:
         raise write_error(path, err) from None
     try:
         write(str(tmp))
+        os.chmod(tmp, mode)  # again: a writer may replace the file (safetensors' save_file makes it 0600)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
@@ -37,9 +38,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def _create_temp(path: Path) -> Path:
-    """An empty, new temp file beside `path`, created as open() creates files (mode 0o666 & ~umask),
-    or with the mode of the file it will replace."""
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """(an empty, new temp file beside `path`, the mode `path` should get): the mode open() gives a
+    new file (0o666 & ~umask, read back from the temp file, so the umask is never changed) or the
+    mode of the file it will replace."""
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else None
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -48,11 +50,10 @@ def _create_temp(path: Path) -> Path:
         except FileExistsError:
             continue
         try:
-            if mode is not None:
-                os.fchmod(fd, mode)
+            mode = stat.S_IMODE(os.fstat(fd).st_mode) if mode is None else mode
         finally:
             os.close(fd)
-        return tmp
+        return tmp, mode
     raise FileExistsError(errno.EEXIST, "no free temp file name", str(path.parent))
 
 
