@@ -136,14 +136,17 @@ def _check_is_safetensors(path: Path) -> None:
             f"{path}: pickle-based files ({path.suffix}) are refused, because loading them can run code. "
             "Convert the adapter to .safetensors in a trusted environment first."
         )
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise AdapterFileError(f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated).")
-        (header_len,) = struct.unpack("<Q", head)
-        fits = 0 < header_len <= min(size - 8, MAX_HEADER_BYTES)
-        header_bytes = f.read(header_len) if fits else b""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise AdapterFileError(f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated).")
+            (header_len,) = struct.unpack("<Q", head)
+            fits = 0 < header_len <= min(size - 8, MAX_HEADER_BYTES)
+            header_bytes = f.read(header_len) if fits else b""
+    except OSError as err:  # no read permission, a name too long, an I/O error
+        raise AdapterFileError(f"{path}: cannot read the file ({err.strerror or err}).") from None
     # A pickle starts with PROTO (0x80, 2..5), a torch.save zip with "PK": say so rather than "corrupt".
     pickled = head[:2] == b"PK" or (head[0] == 0x80 and 2 <= head[1] <= 5)
     if not fits:
@@ -297,6 +300,10 @@ def save_adapter_file(
 ) -> Path:
     """Write {component: PEFT state dict} and {component: config} as one adapter file (atomically)."""
     path = Path(path)
+    bad = {k: v for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise AdapterFileError(f"{path}: metadata {str(bad)[:200]}: header keys and values must be strings "
+                               "(json.dumps anything else); nothing was written.")
     config_dicts = {c: config_to_header(cfg) for c, cfg in configs.items()}
     adapter = from_flat_state_dict(to_flat_state_dict(state_dicts), config_dicts, source=str(path))  # check before writing
     header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION), "gralora_configs": json.dumps(adapter.configs)}

@@ -33,7 +33,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, (OSError, SafetensorError)) and not isinstance(err, GraloraError):
+        io_error = isinstance(err, OSError) or (isinstance(err, SafetensorError) and "os error" in str(err))
+        if io_error and not isinstance(err, GraloraError):
             raise write_error(path, err) from None
         raise
 

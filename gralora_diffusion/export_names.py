@@ -136,7 +136,11 @@ def _base_unet_config(base: str):
     if base in (TINY_MODEL_ID, "tiny"):
         return UNET_CONFIG
     path = Path(base) / "unet" / "config.json"
-    if not path.is_file():
+    try:  # the header's base_model is any string: a name too long for the OS is no folder
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
         try:
             from huggingface_hub import try_to_load_from_cache
 

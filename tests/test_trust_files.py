@@ -215,3 +215,11 @@ def test_save_to_a_path_under_a_file_is_a_typed_error(adapter, tmp_path):
     pipe.load_gralora_weights(adapter, adapter_name="default")
     with pytest.raises(OutputError, match=str(tmp_path / "file")):
         pipe.save_gralora_weights(tmp_path / "file" / "sub")
+
+
+def test_save_with_non_string_metadata_is_a_typed_error(adapter, tmp_path):
+    pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
+    pipe.load_gralora_weights(adapter, adapter_name="default")
+    with pytest.raises(gd.AdapterFileError, match="must be strings"):
+        pipe.save_gralora_weights(tmp_path, metadata={"steps": 500})
+    assert list(tmp_path.iterdir()) == []

@@ -164,6 +164,8 @@ def test_kohya_export_refuses_to_guess_layers_per_block(tmp_path, capsys):
     # a preset without a base model: every attention adapted, the names tell (tiny: 1)
     preset = adapter_file(tmp_path / "preset.safetensors", base_model=None)
     gd.export_lora(preset, tmp_path / "p.safetensors", format="kohya")
+    long_name = adapter_file(tmp_path / "long.safetensors", base_model="b" * 5000)  # no folder can have that name
+    gd.export_lora(long_name, tmp_path / "l.safetensors", format="kohya")
     with pytest.raises(ExportError, match="layers_per_block=True"):
         gd.export_lora(preset, tmp_path / "p2.safetensors", format="kohya", layers_per_block=True)
 
