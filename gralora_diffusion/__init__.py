@@ -38,6 +38,10 @@ _LAZY = {
     "HubError": "hub",
     "push_to_hub": "hub",
     "files_to_push": "hub",
+    "evaluate_adapter": "evaluate",
+    "EvaluationResult": "evaluate",
+    "load_any_adapter": "any_adapter",
+    "save_tiny_scorers": "tiny_scorers",
     "save_model_card": "hub",
 }
 

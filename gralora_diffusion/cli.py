@@ -20,6 +20,7 @@ COMMANDS = {
     "info": "info",
     "push": "push",
     "make-tiny": "make_tiny",
+    "evaluate": "evaluate",
 }
 # Commands that run models on the CPU: they choose torch's thread count and say so.
 COMPUTE_COMMANDS = {"quickstart", "train", "generate", "export-lora", "evaluate", "compare"}
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in COMPUTE_COMMANDS:
             from .threads import set_num_threads
 
-            print(set_num_threads(args.num_threads), file=sys.stderr)
+            set_num_threads(args.num_threads)  # said by threads.announce() when models start to load
         return args._run(args) or 0
     except BrokenPipeError:  # `gralora-diffusion info ... | head`: the reader left; not an error
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -86,12 +86,14 @@ def check_adapter_paths(paths) -> None:
 def load_base_pipeline(base_model: str, device=None, dtype=None):
     """`tiny` (the embedded random-weights SDXL), a Hub id or a local folder; with the GraLoRA methods."""
     from .loader import patch_pipeline
+    from .threads import announce
 
     device, dtype = default_device_dtype(device, dtype)
     if base_model != TINY:
         from .sources import check_model_path
 
         check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
+    announce()
     if base_model == TINY:
         from .tiny import tiny_sdxl_pipeline
 

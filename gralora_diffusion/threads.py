@@ -24,10 +24,21 @@ def choose_num_threads(requested: int | None = None) -> tuple[int, str]:
     return max(1, min(4, (os.cpu_count() or 2) // 2)), "default: half the cores, at most 4"
 
 
+_note: list[str] = []  # what set_num_threads chose, said once by `announce` when the real work starts
+
+
 def set_num_threads(requested: int | None = None) -> str:
-    """Apply `choose_num_threads` to torch; returns a one-line note saying what was chosen."""
+    """Apply `choose_num_threads` to torch; returns a one-line note saying what was chosen, which
+    `announce` prints once when the work starts (so a bad argument's error stays the only output)."""
     import torch
 
     threads, why = choose_num_threads(requested)
     torch.set_num_threads(threads)
-    return f"CPU threads: {threads} ({why}; change with --num_threads N)"
+    _note[:] = [f"CPU threads: {threads} ({why}; change with --num_threads N)"]
+    return _note[0]
+
+
+def announce(say=print) -> None:
+    """Say the thread choice once, if the command line made one; called where models start to load."""
+    if _note:
+        say(_note.pop())

@@ -144,3 +144,8 @@ def save_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     tiny_sdxl_pipeline(seed=seed).save_pretrained(directory)
     return directory
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """The tiny pipeline's character-level CLIP tokenizer (built offline); the tiny CLIP scorer uses it too."""
+    return _tokenizer()

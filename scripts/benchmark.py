@@ -1,9 +1,9 @@
-"""Benchmarks of GraLoRA against PEFT's LoRA and GraLoRA: a thin shell over gralora_diffusion.bench.
+"""Benchmarks of GraLoRA against PEFT's LoRA and GraLoRA: a thin shell over the top-level benchmarks/ folder.
 
     python scripts/benchmark.py layer [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json] [--quick|--full]
                                       [--configs paper|all] [--threads N] [--clock wall|cpu]
     python scripts/benchmark.py infer [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json] [--quick]
-    python scripts/benchmark.py NAME ...   (any other module of gralora_diffusion/bench with a run(args))
+    python scripts/benchmark.py NAME ...   (any other module of benchmarks/ with a run(args))
 
 On a CPU shared with other work, `--threads 1 --clock cpu` gives the steadiest numbers.
 """
@@ -14,11 +14,13 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from gralora_diffusion.bench import BENCHMARKS
-from gralora_diffusion.bench.common import DTYPES
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks/` sits beside scripts/, outside the package
+from benchmarks import BENCHMARKS  # noqa: E402
+from benchmarks.common import DTYPES  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -45,7 +47,7 @@ def main(argv=None) -> dict:
         sys.exit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here; use --device cpu.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = importlib.import_module(f"gralora_diffusion.bench.{args.benchmark}").run(args)
+    result = importlib.import_module(f"benchmarks.{args.benchmark}").run(args)
     result["command"] = " ".join(["python scripts/benchmark.py"] + (sys.argv[1:] if argv is None else list(argv)))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -11,6 +12,29 @@ import gralora_diffusion as gd
 from gralora_diffusion.constants import COMPONENTS
 
 PROMPT = "a photo of sks teapot"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+# for subprocess runs: one thread, offline, quiet, and this checkout first on the path
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+                  "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a module's tests run (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    the tiny model's ops are too small for threads to pay off on a busy 2-core machine. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The tiny SDXL written with save_pretrained, for runs that load a model folder."""
+    from gralora_diffusion.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
 
 
 @pytest.fixture
@@ -38,16 +62,6 @@ def randomize_gralora_B(model, adapter_name=None, std=0.1, seed=1):
         for name, p in model.named_parameters():
             if ("gralora_B" in name) and (adapter_name is None or f".{adapter_name}" in name):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread while a module's tests run (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared 2-core machine, two threads waiting for
-    each other make the tiny pipeline 10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def outputs(pipe) -> torch.Tensor:

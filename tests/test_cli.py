@@ -56,7 +56,7 @@ def test_thread_count_is_chosen_and_said(monkeypatch, env, flag, expected):
 
     import torch
 
-    from gralora_diffusion.threads import choose_num_threads, set_num_threads
+    from gralora_diffusion.threads import announce, choose_num_threads, set_num_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     if env:
@@ -68,6 +68,9 @@ def test_thread_count_is_chosen_and_said(monkeypatch, env, flag, expected):
         assert torch.get_num_threads() == (expected or default)
         assert note.startswith(f"CPU threads: {expected or default} (")
         assert ("--num_threads" if flag else "OMP_NUM_THREADS" if env else "default") in note
+        said = []
+        announce(said.append), announce(said.append)
+        assert said == [note]  # once, when the work starts
     finally:
         torch.set_num_threads(before)
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")

@@ -3,7 +3,6 @@ the middle of writing a checkpoint; resuming from `latest` must end with the ada
 uninterrupted run, and no checkpoint folder is ever left half-written."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,20 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
+from conftest import SUBPROCESS_ENV as ENV
 
 from gralora_diffusion.adapter_file import read_adapter_file
-from gralora_diffusion.train.save import STATE_NAME, complete_checkpoints
+from gralora_diffusion.constants import STATE_NAME
+from gralora_diffusion.train.save import complete_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_dreambooth_gralora_sdxl.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from gralora_diffusion.tiny import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
 
 
 def command(tiny_dir, out, *extra):

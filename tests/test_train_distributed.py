@@ -12,20 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a photo of sks teapot"
+from conftest import PROMPT, ROOT, SUBPROCESS_ENV
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from gralora_diffusion.tiny import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+    return dict(SUBPROCESS_ENV)
 
 
 @pytest.mark.slow
@@ -43,7 +34,8 @@ def test_two_processes_end_with_identical_adapters(tmp_path, tiny_dir):
     assert all((ranks[0][k] == ranks[1][k]).all() for k in ranks[0])
     assert any(ranks[0][k].abs().sum() > 0 for k in ranks[0] if "gralora_B" in k)  # it did train
     assert (tmp_path / "out" / "pytorch_gralora_weights.safetensors").is_file()
-    assert {p.name for p in (tmp_path / "out" / "checkpoint-4").glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert {p.name for p in (tmp_path / "out" / "checkpoint-4").glob("rng_*")} == {f"rng_{r}.{s}" for r in (0, 1) for s in ("json", "safetensors")}
+    assert not [p for p in (tmp_path / "out" / "checkpoint-4").iterdir() if p.suffix not in (".json", ".safetensors")]
 
 
 @pytest.mark.slow

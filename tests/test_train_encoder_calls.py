@@ -1,13 +1,14 @@
 """--cache_latents: once every (image, crop, flip) has been seen, a step runs the VAE encoder 0 times;
 without the cache every micro-batch is encoded. The count wraps the real `vae.encode` and calls through."""
 
+import pytest
 import torch
-from conftest import PROMPT
-from test_train_run import SAMPLES, one_thread  # noqa: F401 - one_thread: the autouse one-thread fixture
+from conftest import PROMPT, SAMPLES
 
 import gralora_diffusion as gd
 from gralora_diffusion.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGES = len([p for p in SAMPLES.iterdir() if p.suffix == ".png"])
 
 

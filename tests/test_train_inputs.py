@@ -16,7 +16,7 @@ from gralora_diffusion.train import TrainConfig, TrainConfigError, train
 from gralora_diffusion.train import loop
 from gralora_diffusion.train.config import add_arguments
 from gralora_diffusion.train.data import DreamBoothDataset, EpochBatches, collate, scan_images
-from gralora_diffusion.train.loop import diffusion_loss
+from gralora_diffusion.train.loss import diffusion_loss
 
 
 def _image(path, size=(96, 80), color=(200, 40, 40), mode="RGB", **save):
@@ -204,7 +204,7 @@ def test_prior_loss_uses_both_halves():
 def test_latents_mean_and_std_are_honoured_both_ways():
     from types import SimpleNamespace
 
-    from gralora_diffusion.train.loop import normalize_latents
+    from gralora_diffusion.train.loss import normalize_latents
     from gralora_diffusion.train.sampling import latent_stats
 
     config = SimpleNamespace(scaling_factor=0.5, latents_mean=[1.0, 2.0], latents_std=[2.0, 4.0])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPT, generate
+from conftest import PROMPT, SAMPLES, generate
 from peft import get_peft_model_state_dict
 
 import gralora_diffusion as gd
@@ -14,18 +14,10 @@ from gralora_diffusion.constants import WEIGHT_NAME
 from gralora_diffusion.adapter_file import read_adapter_file
 from gralora_diffusion.tiny import TINY_MODEL_ID
 from gralora_diffusion.train import TrainConfig, TrainingError, train
-from gralora_diffusion.train import loop
+from gralora_diffusion.loader import patch_pipeline
+from gralora_diffusion.train import loop, loss
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small for threads to pay off on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp_path, name="out", on_step=None, **kw):
@@ -40,27 +32,9 @@ def unet_adapter(result):
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(result.components["unet"]).items()}
 
 
-def load_gralora(pipe, path):
-    try:
-        from gralora_diffusion.loader import patch_pipeline
-    except ImportError:  # the loader issue not merged yet: the same through PEFT
-        from peft import set_peft_model_state_dict
-
-        adapter = read_adapter_file(path)
-        for component, config in adapter.configs.items():
-            model = getattr(pipe, component)
-            gd.add_gralora(model, r=config["r"], gralora_k=config["gralora_k"], alpha=config["alpha"],
-                           hybrid_r=config["hybrid_r"], unet_targets=config["target_modules"])
-            set_peft_model_state_dict(model, adapter.state_dicts[component])
-        return pipe
-    patch_pipeline(pipe).load_gralora_weights(str(path))
-    return pipe
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("trained")
-    torch.set_num_threads(1)
     return run(tmp, max_train_steps=60, train_batch_size=2, learning_rate=3e-3, random_flip=True,
                validation_prompt=PROMPT, num_validation_images=2, num_inference_steps=2)
 
@@ -80,7 +54,8 @@ def test_saved_adapter_reproduces_the_trained_pipeline(trained):
     adapter = read_adapter_file(trained.weights_path)
     assert trained.weights_path.name == WEIGHT_NAME
     assert adapter.metadata["base_model"] == TINY_MODEL_ID and adapter.metadata["instance_prompt"] == PROMPT
-    loaded = load_gralora(gd.tiny_sdxl_pipeline(seed=0), trained.weights_path)
+    loaded = patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
+    loaded.load_gralora_weights(str(trained.weights_path))
     assert torch.allclose(torch.from_numpy(generate(loaded)), torch.from_numpy(generate(trained.pipeline)), atol=1e-5)
 
 
@@ -125,14 +100,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
 def test_prior_preservation_generates_class_images_and_splits_the_batch(tmp_path, monkeypatch):
     seen = []
-    real = loop.diffusion_loss
+    real = loss.diffusion_loss
 
     def spy(pred, target, timesteps, scheduler, snr_gamma=None, with_prior=False, prior_loss_weight=1.0):
         loss, parts = real(pred, target, timesteps, scheduler, snr_gamma, with_prior, prior_loss_weight)
         seen.append((pred.shape[0], with_prior, parts))
         return loss, parts
 
-    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    monkeypatch.setattr(loss, "diffusion_loss", spy)
     classes = tmp_path / "class"
     common = dict(with_prior_preservation=True, class_data_dir=str(classes), class_prompt="a photo of a teapot",
                   sample_batch_size=2, num_inference_steps=2, max_train_steps=2, train_batch_size=2)
@@ -210,7 +185,7 @@ def test_bf16_keeps_adapter_and_vae_in_fp32(tmp_path):
 
 
 def test_step_benchmark_times_every_variant():
-    from gralora_diffusion.bench.step import VARIANTS, child
+    from benchmarks.step import VARIANTS, child
 
     spec = {"mode": "time", "threads": None, "clock": "cpu", "dtype": "fp32", "steps": 1, "rounds": 1, "resolution": 64, "batch": 1}
     times = child(spec)

@@ -1,6 +1,7 @@
 """DreamBooth-style training of GraLoRA (or LoRA) adapters for SDXL, split by stage:
-config (settings) -> data (images, captions, buckets, class images) -> loop (Accelerate) ->
-sampling (sample images) and save (adapter, config, checkpoints)."""
+config (settings) -> data (images, captions, buckets, class images) -> model (base model, adapters,
+optimizer) -> loss (one micro-batch) -> loop (the stages, under Accelerate) -> sampling (sample
+images) and save (adapter, config, checkpoints)."""
 
 from ..errors import TrainConfigError, TrainingError
 from .config import TrainConfig

@@ -305,7 +305,13 @@ def read_config_file(path: Path) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field. Defaults are suppressed, so `from_args` can tell given flags from unset ones."""
+    """One flag per field. Defaults are suppressed, so `from_args` can tell given flags from unset ones.
+
+    Not transformers' `HfArgumentParser`: it fills every field with its default, so it cannot lay the
+    flags actually given over a `--config` file (its `parse_yaml_file`/`parse_json_file` read a file
+    alone, and it has no TOML); its booleans are `--flag [true|false]` / `--no_flag`, where our users'
+    commands say `--flag` / `--no-flag` (argparse's BooleanOptionalAction); and unknown file keys get
+    no "did you mean". The mapping itself is the 15 lines below."""
     hints = typing.get_type_hints(TrainConfig)
     parser.add_argument("--config", default=argparse.SUPPRESS, help="a .toml/.yaml/.json file of settings; flags override it")
     for f in dataclasses.fields(TrainConfig):

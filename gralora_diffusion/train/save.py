@@ -1,6 +1,6 @@
 """What training writes: the final adapter, the resolved config, and resumable checkpoints.
 
-Checkpoints are `accelerator.save_state` folders written under a temporary name and renamed when
+Checkpoints (what they hold: `checkpoint.py`) are written under a temporary name and renamed when
 complete (a kill leaves a `.tmp-` folder that nothing reads). `training_state.json` is written last
 and marks a checkpoint as complete. Only adapter weights are saved, never the frozen base model.
 """
@@ -21,7 +21,7 @@ from ..adapter_file import atomic_write, collect_adapter, save_adapter_file
 
 
 
-def save_final_adapter(cfg, components: dict, output_dir: Path) -> Path:
+def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[dict] | None = None) -> Path:
     """GraLoRA: our adapter file, base model id and instance prompt in the header.
     LoRA: diffusers' format through `save_lora_weights`, so stock `load_lora_weights` reads it."""
     if cfg.adapter == "lora":
@@ -36,19 +36,30 @@ def save_final_adapter(cfg, components: dict, output_dir: Path) -> Path:
         StableDiffusionXLPipeline.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
         return output_dir / LORA_WEIGHT_NAME
     state_dicts, configs = collect_adapter(components, adapter_name="default")
-    metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg))}
+    metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg, history))}
     return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=cfg.pretrained_model_name_or_path, metadata=metadata)
 
 
-def training_summary(cfg) -> dict:
+def training_summary(cfg, history: list[dict] | None = None) -> dict:
+    """For the model card and the adapter header; the values are those of the last stretch of the run,
+    and `resumed_with` says what a resumed run changed, from which step."""
     keys = ("adapter", "rank", "gralora_k", "hybrid_r", "resolution", "learning_rate", "max_train_steps", "train_batch_size", "seed")
-    return {k: getattr(cfg, k) for k in keys} | {"alpha": cfg.resolved_alpha}
+    summary = {k: getattr(cfg, k) for k in keys} | {"alpha": cfg.resolved_alpha}
+    changes = []
+    for before, after in zip(history or [], (history or [])[1:]):
+        changed = [f"{k} {before['settings'].get(k)!r} -> {v!r}" for k, v in after["settings"].items() if before["settings"].get(k) != v]
+        changes.append(f"from step {after['from_step']}: {', '.join(changed)}")
+    return summary | ({"resumed_with": "; ".join(changes)} if changes else {})
 
 
-def save_config(cfg, output_dir: Path) -> Path:
-    """The resolved settings, reusable as `--config training_config.yaml`."""
+def save_config(cfg, output_dir: Path, history: list[dict] | None = None) -> Path:
+    """The resolved settings, reusable as `--config training_config.yaml`; when a resumed run changed
+    settings, comment lines above them say what the earlier steps ran with."""
     path = output_dir / CONFIG_NAME
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    earlier = [f"# steps {h['from_step']}-{n['from_step']} ran with: {json.dumps(h['settings'])}"
+               for h, n in zip(history or [], (history or [])[1:])]
+    note = [f"# resumed; the settings below ran from step {history[-1]['from_step']}"] if earlier else []
+    text = "\n".join(earlier + note + [yaml.safe_dump(cfg.to_dict(), sort_keys=False)])
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
@@ -63,7 +74,7 @@ def load_adapter_weights(components: dict, folder: Path) -> None:
     for name, model in components.items():
         result = set_peft_model_state_dict(model, load_file(folder / f"adapter_{name}.safetensors"))
         if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{folder}: adapter_{name}.safetensors has keys this model lacks: {result.unexpected_keys[:3]}")
+            raise ValueError(f"adapter_{name}.safetensors has keys this model lacks: {result.unexpected_keys[:3]}")
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -76,13 +87,16 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def write_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: int | None) -> Path:
-    """Every rank calls this. save_state into a temp folder, then one rename."""
+def write_checkpoint(accelerator, output_dir: Path, step: int, save, state: dict, limit: int | None) -> Path:
+    """Every rank calls this: `save(folder)` into a temp folder (it returns the main process's part of
+    training_state.json), then one rename."""
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    state = {**state, **save(tmp)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_NAME).write_text(json.dumps(state))
@@ -99,10 +113,6 @@ def write_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limi
                     shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def read_training_state(folder: Path) -> dict:
-    return json.loads((Path(folder) / STATE_NAME).read_text())
 
 
 def all_finite(params) -> bool:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from peft import GraloraConfig, LoraConfig, inject_adapter_in_model
 
-from ..inject import upgrade_gralora_layers
+from gralora_diffusion.inject import upgrade_gralora_layers
 from .common import DTYPES, machine, paired_ratio, saved_bytes, summarize, table, time_interleaved
 
 
@@ -23,7 +23,7 @@ class Shape:
     tokens: tuple[int, ...]  # batch 2 × sequence length, the smaller first
 
 
-# Every distinct SDXL Linear shape (DESIGN.md §1) with the token counts it sees at 1024² (batch 2,
+# Every distinct SDXL Linear shape with the token counts it sees at 1024² (batch 2,
 # classifier-free guidance): 64² latents = 4096 tokens at width 640, 32² = 1024 at 1280, and the
 # 77-token text context for the cross-attention k/v projections and the text encoders.
 SHAPES = (

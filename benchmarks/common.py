@@ -11,7 +11,11 @@ from collections.abc import Callable
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from gralora_diffusion.constants import torch_dtype
+
+# The dtypes a benchmark takes (--dtype), resolved by the package's one dtype table.
+DTYPES = {name: torch_dtype(name) for name in ("fp32", "bf16", "fp16")}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: `benchmarks` imports from here
 
 
 def synchronize(device: torch.device) -> None:
@@ -120,7 +124,8 @@ def run_child(argv: list[str], spec: dict, cpu_only: bool = True) -> dict:
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": path}
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-m", *argv, json.dumps(spec)], capture_output=True, text=True, env=env)

@@ -15,10 +15,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
-from ..adapter_file import read_adapter_file
-from ..inject import add_gralora
-from ..loader import patch_pipeline
-from ..tiny import tiny_sdxl_pipeline
+from gralora_diffusion.adapter_file import read_adapter_file
+from gralora_diffusion.inject import add_gralora
+from gralora_diffusion.loader import patch_pipeline
+from gralora_diffusion.tiny import tiny_sdxl_pipeline
 from .common import machine, summarize, table, time_interleaved
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

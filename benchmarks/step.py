@@ -7,7 +7,7 @@ rotated order (a slow phase of a shared machine falls on all alike); peak RSS (`
 only ever grows within a process) from one fresh process per variant.
 
     python scripts/benchmark.py step [--quick] [--threads 1 --clock cpu] [--device cuda] [--json out.json]
-    python -m gralora_diffusion.bench.step [same options]
+    python -m benchmarks.step [same options]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def _rss_mb() -> float:
 
 
 def _config(spec: dict, variant: str, data: Path, out: Path, steps: int):
-    from ..tiny import TINY_MODEL_ID
-    from ..train import TrainConfig
+    from gralora_diffusion.tiny import TINY_MODEL_ID
+    from gralora_diffusion.train import TrainConfig
 
     return TrainConfig(
         pretrained_model_name_or_path=TINY_MODEL_ID, instance_data_dir=str(data), instance_prompt="a photo of sks teapot",
@@ -66,8 +66,8 @@ def child(spec: dict) -> dict:
     mode "memory": one variant in a fresh process; returns its RSS at the start and at the peak (MiB)."""
     import torch
 
-    from ..tiny import tiny_sdxl_pipeline
-    from ..train import train
+    from gralora_diffusion.tiny import tiny_sdxl_pipeline
+    from gralora_diffusion.train import train
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -106,7 +106,7 @@ def run(args) -> dict:
     cpu_only = str(getattr(args, "device", "cpu")).startswith("cpu")
 
     def _spawn(child_spec):
-        return run_child(["gralora_diffusion.bench.step", "--child"], child_spec, cpu_only)
+        return run_child(["benchmarks.step", "--child"], child_spec, cpu_only)
 
     times = _spawn({**spec, "mode": "time"})
     stats = {}

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
 
-from ..inject import add_gralora
-from ..layer import GraloraLinear
-from ..tiny import tiny_sdxl_pipeline
+from gralora_diffusion.inject import add_gralora
+from gralora_diffusion.layer import GraloraLinear
+from gralora_diffusion.tiny import tiny_sdxl_pipeline
 from .common import DTYPES, machine, summarize, table, time_interleaved
 
 COMPONENTS = ["unet", "text_encoder", "text_encoder_2"]

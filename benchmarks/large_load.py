@@ -53,7 +53,7 @@ def _base_model(width: int):
 def write_adapter(path: Path, size_gib: float, width: int) -> int:
     import torch
 
-    from ..adapter_file import save_adapter_file
+    from gralora_diffusion.adapter_file import save_adapter_file
 
     r = _rank_for(size_gib, width)
     g = torch.Generator().manual_seed(0)
@@ -73,7 +73,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(1)
     path = Path(spec["path"])
     if spec["mode"] == "load_gralora_weights":
-        from ..loader import patch_pipeline
+        from gralora_diffusion.loader import patch_pipeline
 
         class Holder:  # any object with a `unet` module is a pipeline to the loader
             pass
@@ -102,7 +102,7 @@ def run(args) -> dict:
         path = Path(tmp) / "big.safetensors"
         r = write_adapter(path, size_gib, width)
         file_mib = path.stat().st_size / 2**20
-        results = {mode: run_child(["gralora_diffusion.bench.large_load"], {"mode": mode, "path": str(path), "width": width})
+        results = {mode: run_child(["benchmarks.large_load"], {"mode": mode, "path": str(path), "width": width})
                    for mode in ("safetensors load_file", "load_gralora_weights")}
     rows = []
     for mode, res in results.items():

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+HELP = ("Score adapters with DreamBooth's metrics (DINO, CLIP-I, CLIP-T): the base alone and each adapter "
+        "(GraLoRA or plain LoRA), a table, --json and a labelled grid.")
+
+
+def add_arguments(parser):
+    from ..metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+
+    parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, or `tiny` (embedded, offline; default)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
+                        help="GraLoRA or plain LoRA file, folder or Hub id, each scored alone; repeat for several")
+    parser.add_argument("--instance_data_dir", "--instance-data-dir", type=Path, required=True,
+                        help="folder of the subject photos the generated images are compared with")
+    parser.add_argument("--subject", default="sks teapot",
+                        help='identifier and class, e.g. "sks teapot": fills the default DreamBooth prompts')
+    parser.add_argument("--identifier", default=None,
+                        help="word removed from prompts for CLIP-T (default: the subject's first word; '' keeps prompts as written)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (instead of the default set); repeat for several")
+    parser.add_argument("--prompts_file", "--prompts-file", type=Path, default=None, help="text file, one prompt per line (# comments)")
+    parser.add_argument("--negative_prompt", "--negative-prompt", default=None)
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds, one image each per prompt (default 0,1)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--resolution", type=int, default=None, help="square images of this size (default: the model's)")
+    parser.add_argument("--dino_model", "--dino-model", default=DEFAULT_DINO_MODEL, help=f"Hub id or folder (default {DEFAULT_DINO_MODEL}); 'none' skips DINO")
+    parser.add_argument("--clip_model", "--clip-model", default=DEFAULT_CLIP_MODEL, help=f"Hub id or folder (default {DEFAULT_CLIP_MODEL}); 'none' skips CLIP-I/T")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--output_dir", "--output-dir", type=Path, default=Path("evaluation"), help="grid.png and results.json go here")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON here")
+
+
+def _adapter(text: str):
+    label, sep, path = text.partition("=")
+    return (label, path) if sep and label and not Path(text).exists() else text
+
+
+def run(args) -> int:
+    from ..evaluate import evaluate_adapter, format_table, parse_seeds
+    from ..generate import read_prompts
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    seeds = parse_seeds(args.seeds)
+    result = evaluate_adapter(
+        base_model=args.base, adapters=[_adapter(a) for a in args.adapter], instance_data_dir=args.instance_data_dir,
+        subject=args.subject, prompts=prompts or None, identifier=args.identifier, seeds=seeds, steps=args.steps,
+        guidance=args.guidance, resolution=args.resolution, negative_prompt=args.negative_prompt,
+        dino_model=None if args.dino_model.lower() == "none" else args.dino_model,
+        clip_model=None if args.clip_model.lower() == "none" else args.clip_model,
+        output_dir=args.output_dir, json_path=args.json, device=args.device, dtype=args.dtype,
+    )
+    print(format_table(result))
+    print(f"Grid (rows: prompts, columns: {', '.join(v.name for v in result.variants)}; seeds side by side): {result.grid}")
+    print(f"Results: {result.json_path}")
+    return 0

@@ -1,0 +1,299 @@
+"""`evaluate_adapter`: generate with the base model alone and with each adapter, and score every
+variant with DreamBooth's DINO, CLIP-I and CLIP-T against the instance images (plus any extra
+scorers, e.g. the tiny world's evaluator). Writes a table, JSON and one labelled grid (rows:
+prompts, columns: base + adapters, the seeds side by side in each cell).
+
+Built so `compare` can call it per variant: pass the loaded `pipe`, the `scorers` built once
+(`build_scorers`), `include_base=False`, and one `progress` bar for the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .constants import IMAGE_SUFFIXES
+from .errors import GraloraConfigError
+from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, quiet_libraries
+
+# DreamBooth's object prompts (google/dreambooth, prompts_and_classes.txt), a subset; {} = the subject
+# with its identifier, e.g. "sks teapot". The first is the instance prompt's form.
+DREAMBOOTH_PROMPTS = (
+    "a photo of {}",
+    "a {} in the jungle",
+    "a {} in the snow",
+    "a {} on the beach",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a red {}",
+    "a {} floating on top of water",
+)
+# base name -> "module:function" returning extra scorers for it: function(instance_images, device) -> list
+BASE_SCORERS: dict[str, str] = {}
+BASE_LABEL = "base"
+
+
+@dataclass
+class VariantResult:
+    name: str  # column label: "base" or the adapter's label
+    source: str | None  # adapter path / repo id; None for the base
+    kind: str | None  # "gralora", "lora" or None
+    metrics: dict[str, float] = field(default_factory=dict)
+    images: list[list[Image.Image]] = field(default_factory=list, repr=False)  # [prompt][seed]
+
+
+@dataclass
+class EvaluationResult:
+    base_model: str
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    variants: list[VariantResult]
+    settings: dict = field(default_factory=dict)  # models, identifier, resolution, guidance, instance images
+    grid: Path | None = None
+    json_path: Path | None = None
+
+    def to_dict(self) -> dict:
+        variants = [{k: v for k, v in asdict(r).items() if k != "images"} for r in self.variants]
+        return {"base_model": self.base_model, "prompts": self.prompts, "seeds": self.seeds, "steps": self.steps,
+                **self.settings, "variants": variants}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]."""
+    try:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise GraloraConfigError(f"--seeds {text!r}: give integers separated by commas.") from None
+
+
+def default_prompts(subject: str) -> list[str]:
+    return [template.format(subject) for template in DREAMBOOTH_PROMPTS]
+
+
+def default_identifier(subject: str) -> str | None:
+    """'sks teapot' -> 'sks' (DreamBooth's '<identifier> <class>'); one word -> None."""
+    words = subject.split()
+    return words[0] if len(words) > 1 else None
+
+
+def read_instance_images(folder) -> list[Image.Image]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GraloraConfigError(f"--instance_data_dir {folder}: no such folder (give the folder of subject photos).")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise GraloraConfigError(f"--instance_data_dir {folder}: no images ({', '.join(IMAGE_SUFFIXES)}).")
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as err:
+            raise GraloraConfigError(f"{path}: cannot read the image ({err}); remove or replace it.") from None
+    return images
+
+
+def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEFAULT_CLIP_MODEL,
+                  identifier: str | None = None, device=None, base_model: str | None = None) -> list:
+    """DreamBooth's scorer (dino/clip None leaves that model out) plus the base's own (BASE_SCORERS)."""
+    from importlib import import_module
+
+    from .metrics import ClipEmbedder, DinoEmbedder, DreamBoothScorer
+
+    dino = DinoEmbedder(dino_model, device) if dino_model else None
+    clip = ClipEmbedder(clip_model, device) if clip_model else None
+    scorers = [DreamBoothScorer(instance_images, dino, clip, identifier)] if (dino or clip) else []
+    if base_model in BASE_SCORERS:
+        module, _, function = BASE_SCORERS[base_model].partition(":")
+        scorers += list(getattr(import_module(module), function)(instance_images, device))
+    return scorers
+
+
+def generate_grid(pipe, prompts, seeds, steps, guidance=5.0, resolution=None, negative_prompt=None, progress=None):
+    """[prompt][seed] images; the same CPU generator per seed for every variant, as generate.py does."""
+    rows = []
+    for prompt in prompts:
+        row = []
+        for seed in seeds:
+            row.append(pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                            height=resolution, width=resolution,
+                            generator=torch.Generator(device="cpu").manual_seed(seed)).images[0])
+            if progress is not None:
+                progress.update(1)
+        rows.append(row)
+    return rows
+
+
+def score_images(scorers, images: list[list[Image.Image]], prompts: Sequence[str]) -> dict[str, float]:
+    flat = [image for row in images for image in row]
+    texts = [prompt for prompt, row in zip(prompts, images) for _ in row]
+    metrics = {}
+    for scorer in scorers:
+        metrics.update({k: float(v) for k, v in scorer(flat, texts).items()})
+    return metrics
+
+
+def adapter_label(source) -> str:
+    """'runs/gralora/pytorch_gralora_weights.safetensors' -> 'gralora'; 'x/lora_r8.safetensors' -> 'lora_r8'."""
+    path = Path(str(source))
+    standard = path.suffix == ".safetensors" and path.name.startswith(("pytorch_", "adapter_model"))
+    return (path.parent.name if standard and path.parent.name else path.stem if path.suffix else path.name) or str(source)
+
+
+def labelled_variant_grid(variants: list[VariantResult], prompts: Sequence[str]) -> Image.Image:
+    """Rows prompts, columns variants; each cell the seeds side by side (diffusers' make_image_grid)."""
+    from diffusers.utils import make_image_grid
+
+    from .generate import labelled_grid
+
+    cells = [[make_image_grid(v.images[r], rows=1, cols=len(v.images[r])) for v in variants] for r in range(len(prompts))]
+    return labelled_grid(cells, list(prompts), [v.name for v in variants])
+
+
+def _labelled_sources(adapters) -> list[tuple[str, object]]:
+    """Each adapter as (label, source): a bare path gets `adapter_label`; repeated labels get _2, _3."""
+    pairs, seen = [], {BASE_LABEL: 1}
+    for item in adapters:
+        label, source = item if isinstance(item, tuple) else (adapter_label(item), item)
+        seen[label] = seen.get(label, 0) + 1
+        pairs.append((label if seen[label] == 1 else f"{label}_{seen[label]}", source))
+    return pairs
+
+
+def _check_inputs(prompts, seeds, steps, resolution) -> None:
+    if not prompts:
+        raise GraloraConfigError("No prompts: give --prompt / --prompts_file, or a --subject for the default set.")
+    if not seeds:
+        raise GraloraConfigError("No seeds: give at least one, e.g. --seeds 0,1.")
+    if steps < 1:
+        raise GraloraConfigError(f"--steps {steps}: at least 1.")
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise GraloraConfigError(f"--resolution {resolution}: a positive multiple of 8 (the VAE downsamples by 8).")
+
+
+def _progress_bar(progress, total: int):
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="evaluate", unit="image")
+    return progress or None  # False/None: no bar; anything with .update(n): the caller's bar
+
+
+def evaluate_adapter(
+    base_model: str = "tiny",
+    adapters: Sequence = (),
+    instance_data_dir=None,
+    instance_images: Sequence[Image.Image] | None = None,
+    subject: str = "sks teapot",
+    prompts: Sequence[str] | None = None,
+    identifier: str | None = None,
+    seeds: Sequence[int] = (0,),
+    steps: int = 30,
+    guidance: float = 5.0,
+    resolution: int | None = None,
+    negative_prompt: str | None = None,
+    dino_model: str | None = DEFAULT_DINO_MODEL,
+    clip_model: str | None = DEFAULT_CLIP_MODEL,
+    scorers: list | None = None,
+    include_base: bool = True,
+    output_dir=None,
+    json_path=None,
+    pipe=None,
+    device=None,
+    dtype=None,
+    progress=True,
+) -> EvaluationResult:
+    """Score the base model alone (`include_base`) and each adapter alone on DreamBooth's metrics.
+
+    adapters: GraLoRA or plain LoRA sources (file, folder, Hub id), or (label, source) pairs.
+    Instance images: `instance_data_dir` or `instance_images`. Prompts default to DreamBooth's set for
+    `subject`; CLIP-T reads each prompt without `identifier` (default: the subject's first word when it
+    has two). `scorers`: callables `(images, prompts) -> {name: value}` replacing the default ones
+    (`build_scorers`). `pipe`: an already loaded, patched pipeline instead of `base_model`. Writes
+    `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given."""
+    from .generate import check_adapter_paths, default_device_dtype, load_base_pipeline
+
+    prompts = list(prompts) if prompts else default_prompts(subject)
+    identifier = default_identifier(subject) if identifier is None else identifier or None
+    seeds, sources = [int(s) for s in seeds], _labelled_sources(adapters)
+    _check_inputs(prompts, seeds, steps, resolution)
+    if instance_images is None:
+        if instance_data_dir is None and scorers is None:
+            raise GraloraConfigError("Give the instance images: --instance_data_dir FOLDER (the subject photos).")
+        instance_images = read_instance_images(instance_data_dir) if instance_data_dir is not None else []
+    check_adapter_paths([source for _, source in sources if isinstance(source, (str, Path))])
+    if scorers is None:  # before the (slow) base model: a missing metric model fails at once
+        device = pipe.device if pipe is not None else default_device_dtype(device)[0]
+        scorers = build_scorers(instance_images, dino_model, clip_model, identifier, device, base_model)
+    with quiet_libraries():
+        pipe = pipe if pipe is not None else load_base_pipeline(base_model, device, dtype)
+    columns = ([(BASE_LABEL, None)] if include_base else []) + sources
+    bar = _progress_bar(progress, len(columns) * len(prompts) * len(seeds))
+    variants = []
+    try:
+        for i, (label, source) in enumerate(columns):
+            variants.append(evaluate_variant(pipe, label, source, scorers, prompts, seeds, steps, guidance=guidance,
+                                             resolution=resolution, negative_prompt=negative_prompt,
+                                             adapter_name=f"evaluate_{i}", progress=bar))
+    finally:
+        if progress is True and bar is not None:
+            bar.close()
+    settings = {"instance_images": len(instance_images), "dino_model": dino_model and str(dino_model),
+                "clip_model": clip_model and str(clip_model), "identifier": identifier, "guidance": guidance,
+                "resolution": resolution}
+    result = EvaluationResult(str(base_model), prompts, seeds, steps, variants, settings)
+    return write_outputs(result, prompts, output_dir, json_path)
+
+
+def evaluate_variant(pipe, label: str, source, scorers, prompts, seeds, steps: int, guidance: float = 5.0,
+                     resolution=None, negative_prompt=None, adapter_name: str = "evaluate", progress=None) -> VariantResult:
+    """One column: load the adapter `source` (None: the base alone), generate prompts x seeds, score,
+    unload. The pipeline is as before afterwards."""
+    from .any_adapter import loaded_adapter
+
+    if progress is not None and hasattr(progress, "set_postfix_str"):
+        progress.set_postfix_str(label)
+    with quiet_libraries():  # diffusers' LoRA loading shows transformers' weight-loading bars
+        with (loaded_adapter(pipe, source, adapter_name) if source is not None else contextlib.nullcontext()) as kind:
+            images = generate_grid(pipe, prompts, seeds, steps, guidance, resolution, negative_prompt, progress)
+    source_text = None if source is None else str(source) if isinstance(source, (str, Path)) else "<in memory>"
+    return VariantResult(label, source_text, kind, score_images(scorers, images, prompts), images)
+
+
+def write_outputs(result: EvaluationResult, prompts, output_dir=None, json_path=None) -> EvaluationResult:
+    """`output_dir`: grid.png and results.json; `json_path`: the JSON (also) there."""
+    paths = [Path(json_path)] if json_path is not None else []
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise GraloraConfigError(f"--output_dir {output_dir}: is a file; give a folder (created if missing).")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        result.grid = output_dir / "grid.png"
+        labelled_variant_grid(result.variants, prompts).save(result.grid)
+        paths.append(output_dir / "results.json")
+    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    result.json_path = paths[0] if paths else None
+    return result
+
+
+def format_table(result: EvaluationResult) -> str:
+    """One row per variant, one column per metric (DreamBooth's first), 3 decimals."""
+    names = [m for m in ("dino", "clip_i", "clip_t") if any(m in v.metrics for v in result.variants)]
+    names += sorted({m for v in result.variants for m in v.metrics} - set(names))
+    width = max([len("variant")] + [len(v.name) for v in result.variants])
+    lines = [f"{'variant':<{width}}  {'kind':<7}  " + "  ".join(f"{n:>8}" for n in names)]
+    for v in result.variants:
+        values = [v.metrics.get(n, math.nan) for n in names]
+        lines.append(f"{v.name:<{width}}  {v.kind or '-':<7}  " + "  ".join(f"{x:>8.3f}" for x in values))
+    return "\n".join(lines)

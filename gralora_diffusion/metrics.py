@@ -1,0 +1,204 @@
+"""DreamBooth's subject-fidelity metrics (Ruiz et al. 2023, section 4.1): the embedding models and the
+similarities.
+
+- DINO: mean cosine similarity of ViT [CLS] features (a self-supervised DINO / DINOv2 model) over
+  every (generated, instance) pair;
+- CLIP-I: the same with CLIP image embeddings;
+- CLIP-T: mean cosine similarity of each generated image's CLIP embedding with its prompt's.
+
+Models load through transformers (`AutoModel`, `AutoImageProcessor`, `AutoProcessor`) by Hub id or
+from a `save_pretrained` folder; with no torchvision installed transformers picks its PIL image
+processors. A scorer is any callable `(images, prompts) -> {metric: value}`, bound to the instance
+images when it is built, so the tiny world's evaluator plugs in the same way (`EmbeddingScorer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import GraloraConfigError
+
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO ViT-S/16
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+BATCH_SIZE = 16
+
+Scorer = Callable[[Sequence[Image.Image], Sequence[str]], dict]
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Only our own progress bar and errors: no loading/shard bars or load reports from the libraries."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    saved = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled(),
+             diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
+    transformers_logging.set_verbosity_error(), transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error(), diffusers_logging.disable_progress_bar(), disable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(saved[0])
+        diffusers_logging.set_verbosity(saved[2])
+        for enabled, module in ((saved[1], transformers_logging), (saved[3], diffusers_logging)):
+            module.enable_progress_bar() if enabled else module.disable_progress_bar()
+        if not saved[4]:
+            enable_progress_bars()
+
+
+def load_pretrained(loader, name: str, flag: str, **kwargs):
+    """`loader.from_pretrained(name)`, any failure one line naming `flag`: a Hub id that is not
+    cached (offline or no network) says how to get it, a folder says what is wrong with it."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    folder = Path(str(name)).expanduser()
+    if not folder.exists():
+        try:
+            validate_repo_id(str(name))
+        except HFValidationError:
+            raise GraloraConfigError(f"{flag} {name}: no such folder, and not a Hub repo id (org/name).") from None
+    try:
+        with quiet_libraries():
+            return loader.from_pretrained(str(folder) if folder.exists() else name, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if folder.exists():
+            raise GraloraConfigError(f"{flag} {name}: cannot load a model from this folder ({first}); "
+                                     "give a transformers save_pretrained folder or a Hub id.") from None
+        offline = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "no network or no such repo"
+        raise GraloraConfigError(
+            f"{flag} {name}: not in the local Hugging Face cache and not downloadable here ({offline}). "
+            f"Run `hf download {name}` once with network access, or pass a local folder "
+            f"(model.save_pretrained + processor.save_pretrained). [{type(err).__name__}: {first}]"
+        ) from None
+
+
+def _pooled(output) -> torch.Tensor:
+    """`get_image_features`/`get_text_features` return a tensor in transformers 4 and an output whose
+    `pooler_output` is the projected embedding in transformers 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _rgb(images) -> list[Image.Image]:
+    return [image.convert("RGB") for image in images]
+
+
+class ImageEmbedder:
+    """Unit-norm image embeddings in batches through the model's processor; subclasses say which features."""
+
+    processor = model = None
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        feats = []
+        for i in range(0, len(images), BATCH_SIZE):
+            pixels = self.processor(images=_rgb(images[i:i + BATCH_SIZE]), return_tensors="pt")["pixel_values"]
+            feats.append(self.features(pixels.to(self.model.device, self.model.dtype)).float())
+        return F.normalize(torch.cat(feats), dim=-1)
+
+
+class DinoEmbedder(ImageEmbedder):
+    """[CLS] token of the last layer (after the final LayerNorm), as DreamBooth uses DINO ViT-S/16."""
+
+    def __init__(self, name: str = DEFAULT_DINO_MODEL, device=None, flag: str = "--dino_model"):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.name = str(name)
+        self.processor = load_pretrained(AutoImageProcessor, name, flag)
+        self.model = load_pretrained(AutoModel, name, flag).to(device or "cpu").eval()
+        inputs = inspect.signature(self.model.forward).parameters
+        if "pixel_values" not in inputs or "input_ids" in inputs:
+            raise GraloraConfigError(f"{flag} {name}: {type(self.model).__name__} is not a ViT image model; "
+                                     "give a DINO / DINOv2 model such as facebook/dino-vits16.")
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+
+class ClipEmbedder(ImageEmbedder):
+    """CLIP's projected image and text embeddings (`get_image_features`, `get_text_features`)."""
+
+    def __init__(self, name: str = DEFAULT_CLIP_MODEL, device=None, flag: str = "--clip_model"):
+        from transformers import AutoModel, AutoProcessor
+
+        self.name = str(name)
+        self.processor = load_pretrained(AutoProcessor, name, flag)
+        self.model = load_pretrained(AutoModel, name, flag).to(device or "cpu").eval()
+        if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
+            raise GraloraConfigError(f"{flag} {name}: {type(self.model).__name__} is not a CLIP model (no image and "
+                                     "text embeddings); give one such as openai/clip-vit-base-patch32.")
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+        tokens = {k: v.to(self.model.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        return F.normalize(_pooled(self.model.get_text_features(**tokens)).float(), dim=-1)
+
+
+def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity over every (row of a, row of b) pair: DreamBooth's DINO and CLIP-I."""
+    return (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T).mean().item()
+
+
+def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of row i of a with row i of b: CLIP-T per image."""
+    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
+
+
+def strip_identifier(prompt: str, identifier: str | None) -> str:
+    """'a sks teapot in the snow' -> 'a teapot in the snow': CLIP has never seen the rare token, so
+    CLIP-T measures the prompt's meaning without it (as Custom Diffusion's evaluation does)."""
+    if not identifier:
+        return prompt
+    return " ".join(re.sub(rf"(?<!\w){re.escape(identifier)}(?!\w)", " ", prompt).split())
+
+
+class DreamBoothScorer:
+    """DINO, CLIP-I and CLIP-T of generated images against the instance images (embedded once)."""
+
+    def __init__(self, instance_images: Sequence[Image.Image], dino: DinoEmbedder | None, clip: ClipEmbedder | None,
+                 identifier: str | None = None):
+        if not instance_images:
+            raise GraloraConfigError("No instance images to compare the generated images with.")
+        self.dino, self.clip, self.identifier = dino, clip, identifier
+        self.ref_dino = dino.embed_images(instance_images) if dino else None
+        self.ref_clip = clip.embed_images(instance_images) if clip else None
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+        scores = {}
+        if self.dino is not None:
+            scores["dino"] = mean_pairwise_cosine(self.dino.embed_images(images), self.ref_dino)
+        if self.clip is not None:
+            image_embeds = self.clip.embed_images(images)
+            scores["clip_i"] = mean_pairwise_cosine(image_embeds, self.ref_clip)
+            texts = [strip_identifier(p, self.identifier) for p in prompts]
+            scores["clip_t"] = paired_cosine(image_embeds, self.clip.embed_texts(texts)).mean().item()
+        return scores
+
+
+class EmbeddingScorer:
+    """Subject fidelity from any image embedding `embed(images) -> [n, d]` (e.g. the tiny world's
+    `WorldEvaluator.embed`): mean pairwise cosine of generated vs instance embeddings, as DINO."""
+
+    def __init__(self, embed: Callable, instance_images: Sequence[Image.Image], name: str = "fidelity"):
+        self.embed, self.name = embed, name
+        self.reference = torch.as_tensor(embed(list(instance_images)))
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+        return {self.name: mean_pairwise_cosine(torch.as_tensor(self.embed(list(images))), self.reference)}
