@@ -284,7 +284,7 @@ def export_lora(
     if dtype is not None:
         resolve_dtype(dtype, None)  # checks the name; only dtype=None needs the adapter
     if max_size is not None:
-        finite_number(max_size, "max_size (bytes; --max-size is in MB)", ExportError, low=0, low_open=True)
+        finite_number(max_size, "max_size (bytes)", ExportError, low=0, low_open=True)
     if layers_per_block is not None and (not isinstance(layers_per_block, int) or isinstance(layers_per_block, bool)
                                          or layers_per_block < 1):
         raise ExportError(f"layers_per_block={layers_per_block!r}: the UNet's layers per block, an integer >= 1 (SDXL: 2).")

@@ -29,10 +29,13 @@ def finite_number(value, what: str, error: type[Exception] | None = None, low: f
     below = low is not None and (number <= low if low_open else number < low)
     above = high is not None and (number >= high if high_open else number > high)
     if below or above:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        span = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
-        raise error(f"{what}={_show(value)}: must be in {span}.")
+        if high is None:
+            span = "positive (> 0)" if low == 0 and low_open else f"{'>' if low_open else '>='} {low:g}"
+        elif low is None:
+            span = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise error(f"{what}={_show(value)}: must be {span}.")
     return number
 
 

@@ -45,8 +45,10 @@ def test_finite_number_is_the_one_rule():
     for bad in (float("nan"), float("inf"), -math.inf, 10**400, "1", None, True, [1]):
         with pytest.raises(GraloraConfigError, match="x="):
             finite_number(bad, "x")
-    with pytest.raises(ExportError, match=r"must be in \(0, inf\]"):
+    with pytest.raises(ExportError, match=r"must be positive"):
         finite_number(0, "x", ExportError, low=0, low_open=True)
+    with pytest.raises(GraloraConfigError, match=r"must be in \[0, 1\)"):
+        finite_number(1, "x", low=0, high=1, high_open=True)
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "16", True])
@@ -63,7 +65,7 @@ def test_cli_export_max_size_must_be_a_positive_finite_number(good, tmp_path, si
     dst = tmp_path / "out.safetensors"
     assert cli_main(["export-lora", str(good), str(dst), f"--max-size={size}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "max_size" in err and not dst.exists()
+    assert "--max-size" in err and not dst.exists()
 
 
 @pytest.fixture

@@ -21,9 +21,12 @@ def add_arguments(parser):
 def run(args) -> int:
     import json
 
+    from ..errors import ExportError
     from ..export import export_lora
+    from ..numbers import finite_number
 
-    max_size = None if args.max_size is None else args.max_size * 1e6  # export_lora refuses nan/inf/<= 0
+    # checked here too so the error names the flag in MB; export_lora checks the bytes the same way
+    max_size = None if args.max_size is None else finite_number(args.max_size, "--max-size", ExportError, low=0, low_open=True) * 1e6
     report = export_lora(args.src, args.dst, format=args.format, rank=args.rank, dtype=args.dtype,
                          max_size=max_size, layers_per_block=args.layers_per_block)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
