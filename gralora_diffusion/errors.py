@@ -27,3 +27,8 @@ class TrainConfigError(GraloraError, ValueError):
 
 class TrainingError(GraloraError, RuntimeError):
     """Training went wrong while running (a NaN/Inf loss, non-finite weights)."""
+
+
+class OutputError(GraloraError, OSError):
+    """A file could not be written (disk full, read-only or missing permission); nothing was
+    half-written and a file already at that path is unchanged."""
