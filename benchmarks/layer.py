@@ -1,9 +1,12 @@
 """`layer` benchmark: one SDXL Linear, frozen and with PEFT LoRA, PEFT GraLoRA and our GraLoRA
 layer at the same rank, forward+backward of the whole layer and of the adapter branch alone,
-and the bytes autograd saves for backward."""
+and the bytes autograd saves for backward. With `--autocast bf16|fp16`, as mixed-precision
+training runs it: frozen weights and input in that dtype, adapters in fp32, forward under
+`torch.autocast`, backward outside it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -73,8 +76,9 @@ def adapted(base: nn.Linear, kind: str, r: int, k: int) -> nn.Module:
     return model
 
 
-def variants(shape: Shape, configs, device, dtype) -> dict[str, tuple[nn.Module, nn.Module | None]]:
-    """name -> (whole layer, adapter branch alone); every variant adapts the same frozen weights."""
+def variants(shape: Shape, configs, device, dtype, adapter_dtype=None) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+    """name -> (whole layer, adapter branch alone); every variant adapts the same frozen weights,
+    in `dtype`, and keeps its adapter in `adapter_dtype` (default `dtype`)."""
     torch.manual_seed(0)
     base = nn.Linear(shape.in_features, shape.out_features).requires_grad_(False)
     out = {"frozen": nn.Sequential()}
@@ -87,6 +91,9 @@ def variants(shape: Shape, configs, device, dtype) -> dict[str, tuple[nn.Module,
     result = {}
     for name, model in out.items():
         model.to(device=device, dtype=dtype)
+        for p in model.parameters():
+            if p.requires_grad and adapter_dtype is not None:
+                p.data = p.data.to(adapter_dtype)
         branch = None
         if name != "frozen":
             branch = copy.deepcopy(model)
@@ -95,14 +102,23 @@ def variants(shape: Shape, configs, device, dtype) -> dict[str, tuple[nn.Module,
     return result
 
 
-def bench_shape(shape: Shape, tokens: int, configs, device, dtype, reps: int, warmup: int, clock: str = "wall") -> list[dict]:
-    models = variants(shape, configs, device, dtype)
+def bench_shape(shape: Shape, tokens: int, configs, device, dtype, reps: int, warmup: int, clock: str = "wall",
+                autocast: torch.dtype | None = None) -> list[dict]:
+    """`autocast`: frozen weights and input in that dtype, adapters in fp32, forward under autocast."""
+    if autocast is not None:
+        dtype = autocast
+    models = variants(shape, configs, device, dtype, torch.float32 if autocast is not None else None)
+
+    def forward(model):
+        with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            return model(x)
+
     x = torch.randn(tokens, shape.in_features, device=device, dtype=dtype).view(2, tokens // 2, -1)
     x.requires_grad_(True)  # a layer inside the UNet passes its gradient on
     grad_out = torch.randn(2, tokens // 2, shape.out_features, device=device, dtype=dtype)
 
     def step(model):
-        return lambda: model(x).backward(grad_out)
+        return lambda: forward(model).backward(grad_out)
 
     def clear():
         x.grad = None
@@ -122,7 +138,7 @@ def bench_shape(shape: Shape, tokens: int, configs, device, dtype, reps: int, wa
         params = list(model.parameters())
         record = {"shape": shape.name, "in": shape.in_features, "out": shape.out_features, "tokens": tokens,
                   "variant": name, "whole": summarize(samples[("whole", name)]),
-                  "saved_bytes": saved_bytes(lambda: model(x), params)}
+                  "saved_bytes": saved_bytes(lambda: forward(model), params)}
         if ("branch", name) in samples:
             record["branch"] = summarize(samples[("branch", name)])
         records.append(record)
@@ -158,6 +174,7 @@ def ratios(records: list[dict]) -> list[dict]:
 
 def run(args) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    autocast = DTYPES[args.autocast] if getattr(args, "autocast", None) else None
     if args.quick:
         shapes, configs, reps, warmup = QUICK_SHAPES, QUICK_CONFIGS, 3, 1
     else:
@@ -165,7 +182,7 @@ def run(args) -> dict:
     records = []
     for shape in shapes:
         for tokens in shape.tokens if args.full or args.quick else shape.tokens[:1]:
-            records += bench_shape(shape, tokens, configs, device, dtype, reps, warmup, args.clock)
+            records += bench_shape(shape, tokens, configs, device, dtype, reps, warmup, args.clock, autocast)
             print(f"  {shape.name} {shape.in_features}->{shape.out_features} × {tokens} tokens done", flush=True)
     rows = ratios(records)
     ratio = lambda q: f"{q['median']:.2f}× ±{100 * q['spread'] / 2:.0f}%"  # noqa: E731
@@ -179,5 +196,5 @@ def run(args) -> dict:
     print("ms: median forward+backward of the whole layer (input gradient on, base frozen). Ratios: median of "
           "per-repetition ratios, ± half their interquartile range; branch: the adapter alone on a zero base output. "
           "saved MB: distinct storages kept for backward, parameters left out.")
-    return {"benchmark": "layer", "device": str(device), "dtype": args.dtype, "reps": reps, "warmup": warmup,
+    return {"benchmark": "layer", "device": str(device), "dtype": args.dtype, "autocast": getattr(args, "autocast", None), "reps": reps, "warmup": warmup,
             "configs": [list(c) for c in configs], "full": bool(args.full), "quick": bool(args.quick), "machine": machine(device), "records": records, "rows": rows}

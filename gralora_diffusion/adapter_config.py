@@ -1,7 +1,8 @@
 """The adapter config: PEFT's `GraloraConfig`, built and checked in one place, and its header form.
 
 `make_config` is the only way settings become a config: it checks what PEFT does not (integer
-ranks, hybrid_r >= 0, dropout in [0, 1), alpha a number) and lets `GraloraConfig.__post_init__`
+ranks, hybrid_r >= 0, dropout in [0, 1), alpha a finite number (`numbers.finite_number`), a
+string target a valid regex) and lets `GraloraConfig.__post_init__`
 check k > 0 and r divisible by k, re-raising PEFT's ValueError as a `GraloraConfigError` that
 names the argument. The adapter file keeps a config as a small JSON dict (`config_to_header`);
 `config_from_header` turns one back into a `GraloraConfig` through `make_config`, so a header is
@@ -13,11 +14,13 @@ written here once (`default_alpha`, `scaling`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from peft import GraloraConfig
 
 from .errors import AdapterFileError, GraloraConfigError
+from .numbers import finite_number
 
 # The config fields the adapter file keeps; the required ones define the tensor shapes.
 REQUIRED_HEADER_FIELDS = ("r", "alpha", "gralora_k", "hybrid_r", "target_modules")
@@ -48,10 +51,14 @@ def make_config(r: int = 8, gralora_k: int = 2, alpha: float | None = None, hybr
         raise GraloraConfigError(f"gralora_k={gralora_k!r}: k must be an integer >= 1 (2 for r <= 32, 4 for r >= 64).")
     if not _is_int(hybrid_r, 0):
         raise GraloraConfigError(f"hybrid_r={hybrid_r!r}: the hybrid LoRA rank must be an integer >= 0.")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
-        raise GraloraConfigError(f"alpha={alpha!r}: must be a number (or None for 2·r).")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise GraloraConfigError(f"dropout={dropout!r}: must be in [0, 1).")
+    if alpha is not None:  # NaN/inf alpha would give NaN images and inf exports
+        finite_number(alpha, "alpha (None for 2·r)")
+    finite_number(dropout, "dropout", low=0.0, high=1.0, high_open=True)
+    if isinstance(target_modules, str):  # PEFT takes a string as a regex: a bad one fails here, not in re
+        try:
+            re.compile(target_modules)
+        except (re.error, RecursionError) as err:
+            raise GraloraConfigError(f"target_modules={target_modules[:80]!r} is not a valid regex ({err}).") from None
     try:
         return GraloraConfig(r=r, gralora_k=gralora_k, alpha=default_alpha(r, alpha), hybrid_r=hybrid_r,
                              gralora_dropout=float(dropout), target_modules=target_modules,

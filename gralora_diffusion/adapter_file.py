@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 import struct
-import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 
 from .adapter_config import check_header, config_to_header
 from .constants import COMPONENTS, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PICKLE_SUFFIXES
+from .atomic import atomic_write  # where train/ and hub.py find it
 from .errors import AdapterFileError
 
 FORMAT = "gralora-diffusion"
@@ -36,6 +36,21 @@ PEFT_PREFIX = "base_model.model."
 PEFT_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
 
 TENSOR_SUFFIXES = ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight")
+# The tensor dtypes an adapter may hold (safetensors' header names): float8 has no isfinite, no
+# matmul on CPU, and ints are not weights; both are refused from the header, before any read.
+FILE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as the safetensors header describes it: shape and dtype, nothing read."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 @dataclass
@@ -46,6 +61,7 @@ class AdapterFile:
     configs: dict[str, dict]
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "<state dict>"
+    files: tuple[str, ...] = ()  # the files it was read from (export never writes over them)
 
     @property
     def base_model(self) -> str | None:
@@ -68,7 +84,8 @@ def split_module_key(key: str) -> tuple[str, str]:
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, source: str, component: str) -> None:
-    """Every tensor has the shape the config says, every module is complete, every value finite."""
+    """Every tensor has the shape and dtype the config says, every module is complete, every value
+    finite. `state_dict` may hold `TensorSpec`s (the header's shapes, read before any tensor)."""
     k, r, hybrid_r = config["gralora_k"], config["r"], config["hybrid_r"]
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
@@ -77,8 +94,9 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, source: 
         except KeyError:
             hint = " (a LoRA key: load LoRA files with `load_lora_weights`)" if "lora" in key.lower() else ""
             raise AdapterFileError(f"{source}: key {component}.{key} is not a GraLoRA tensor{hint}.") from None
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise AdapterFileError(f"{source}: {component}.{key} has dtype {getattr(tensor, 'dtype', type(tensor))}, expected floating point.")
+        if not isinstance(tensor, (torch.Tensor, TensorSpec)) or tensor.dtype not in FILE_DTYPES.values():
+            raise AdapterFileError(f"{source}: {component}.{key} has dtype {getattr(tensor, 'dtype', type(tensor))}, "
+                                   "expected float16, bfloat16, float32 or float64.")
         modules.setdefault(module, {})[suffix] = tensor
     if not modules:
         raise AdapterFileError(f"{source}: component {component!r} has a config but no tensors.")
@@ -104,7 +122,7 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, source: 
                     f"in={in_features}, out={out_features}."
                 )
         for suffix, tensor in tensors.items():
-            if not torch.isfinite(tensor).all():
+            if isinstance(tensor, torch.Tensor) and not torch.isfinite(tensor).all():
                 raise AdapterFileError(f"{where}.{suffix} contains NaN or Inf values; the adapter is broken.")
 
 
@@ -118,14 +136,17 @@ def _check_is_safetensors(path: Path) -> None:
             f"{path}: pickle-based files ({path.suffix}) are refused, because loading them can run code. "
             "Convert the adapter to .safetensors in a trusted environment first."
         )
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise AdapterFileError(f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated).")
-        (header_len,) = struct.unpack("<Q", head)
-        fits = 0 < header_len <= min(size - 8, MAX_HEADER_BYTES)
-        header_bytes = f.read(header_len) if fits else b""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise AdapterFileError(f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated).")
+            (header_len,) = struct.unpack("<Q", head)
+            fits = 0 < header_len <= min(size - 8, MAX_HEADER_BYTES)
+            header_bytes = f.read(header_len) if fits else b""
+    except OSError as err:  # no read permission, a name too long, an I/O error
+        raise AdapterFileError(f"{path}: cannot read the file ({err.strerror or err}).") from None
     # A pickle starts with PROTO (0x80, 2..5), a torch.save zip with "PK": say so rather than "corrupt".
     pickled = head[:2] == b"PK" or (head[0] == 0x80 and 2 <= head[1] <= 5)
     if not fits:
@@ -136,7 +157,7 @@ def _check_is_safetensors(path: Path) -> None:
         )
     try:
         header = json.loads(header_bytes, object_pairs_hook=_refuse_duplicate_keys)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: JSON nested too deep
         if pickled:
             raise AdapterFileError(f"{path}: this is a pickle/torch.save file, not safetensors; we never unpickle adapter files.") from None
         raise AdapterFileError(f"{path}: the safetensors header is not valid JSON ({err}).") from None
@@ -152,17 +173,19 @@ def _refuse_duplicate_keys(pairs):
 
 
 def _load_safetensors(path: Path, check_header=None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(header metadata, tensors) of a safetensors file; `check_header(metadata, keys)` runs before
-    any tensor is read. Every failure becomes an `AdapterFileError` naming the file."""
+    """(header metadata, tensors) of a safetensors file. Every dtype, and `check_header(metadata,
+    {key: TensorSpec})` (the shapes against the configs), are checked from the header before any
+    tensor is read: a header claiming a huge tensor of the wrong shape costs nothing. Every failure
+    becomes an `AdapterFileError` naming the file."""
     source = str(path)
     _check_is_safetensors(path)
     try:
         with safe_open(source, framework="pt") as f:
             metadata = f.metadata() or {}
-            keys = list(f.keys())
+            specs = {key: _tensor_spec(f, key, source) for key in f.keys()}
             if check_header is not None:
-                check_header(metadata, keys)
-            tensors = {key: f.get_tensor(key) for key in keys}
+                check_header(metadata, specs)
+            tensors = {key: f.get_tensor(key) for key in specs}
     except SafetensorError as err:
         raise AdapterFileError(f"{source}: not a readable safetensors file ({err}).") from None
     except (OSError, ValueError, RuntimeError) as err:
@@ -172,12 +195,28 @@ def _load_safetensors(path: Path, check_header=None) -> tuple[dict[str, str], di
     return metadata, tensors
 
 
+def _tensor_spec(f, key: str, source: str) -> TensorSpec:
+    view = f.get_slice(key)
+    dtype = FILE_DTYPES.get(view.get_dtype())
+    if dtype is None:
+        raise AdapterFileError(f"{source}: tensor {key} has dtype {view.get_dtype()}; adapter tensors must be "
+                               f"{', '.join(FILE_DTYPES)} (float8 and integer tensors are not supported).")
+    return TensorSpec(tuple(view.get_shape()), dtype)
+
+
 def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
     """Read and check an adapter file written by `save_adapter_file`. Raises `AdapterFileError`."""
     path = Path(path)
     headers = []
-    metadata, tensors = _load_safetensors(path, lambda meta, keys: headers.append(_read_header(meta, keys, str(path))))
-    return from_flat_state_dict(tensors, headers[0], metadata, str(path))
+
+    def check_header(metadata, specs):
+        headers.append(_read_header(metadata, list(specs), str(path)))
+        from_flat_state_dict(specs, headers[0], metadata, str(path))  # shapes and dtypes, nothing read yet
+
+    metadata, tensors = _load_safetensors(path, check_header)
+    adapter = from_flat_state_dict(tensors, headers[0], metadata, str(path))
+    adapter.files = (str(path),)
+    return adapter
 
 
 def _read_header(metadata: dict, keys: list[str], source: str) -> dict:
@@ -199,7 +238,7 @@ def _read_header(metadata: dict, keys: list[str], source: str) -> dict:
         )
     try:
         configs = json.loads(metadata["gralora_configs"])
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise AdapterFileError(f"{source}: header field gralora_configs is not JSON ({err}).") from None
     if not isinstance(configs, dict) or not configs:
         raise AdapterFileError(f"{source}: header field gralora_configs must be a non-empty JSON object.")
@@ -229,25 +268,26 @@ def from_flat_state_dict(tensors: dict[str, torch.Tensor], configs: dict, metada
     return AdapterFile(state_dicts=state_dicts, configs=checked, metadata=dict(metadata or {}), source=source)
 
 
-def to_flat_state_dict(state_dicts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def to_flat_state_dict(state_dicts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None = None,
+                       source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """`component.`-prefixed keys; with `dtype`, each tensor cast through `cast_checked`."""
     return {
-        f"{component}.{key}": (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
+        f"{component}.{key}": (cast_checked(t, dtype, f"{source}: {component}.{key}", AdapterFileError)
+                               if dtype is not None else t).detach().contiguous().cpu()
         for component, sd in state_dicts.items()
         for key, t in sd.items()
     }
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(temp_path), then rename over `path`: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, where: str, error: type[Exception]) -> torch.Tensor:
+    """`tensor.to(dtype)`, refused with `error` naming `where` and the largest value when the cast
+    turns finite values into inf (fp16 tops out at 65504): a silent inf would give NaN images."""
+    out = tensor.to(dtype)
+    if out.dtype != tensor.dtype and out.is_floating_point() and not torch.isfinite(out).all() and torch.isfinite(tensor).all():
+        largest = float(tensor.detach().abs().max())
+        raise error(f"{where}: values up to {largest:.6g} do not fit {str(dtype).removeprefix('torch.')} "
+                    f"(largest {torch.finfo(dtype).max:.6g}); keep float32 (or bfloat16) for this adapter.")
+    return out
 
 
 def save_adapter_file(
@@ -260,12 +300,16 @@ def save_adapter_file(
 ) -> Path:
     """Write {component: PEFT state dict} and {component: config} as one adapter file (atomically)."""
     path = Path(path)
+    bad = {k: v for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise AdapterFileError(f"{path}: metadata {str(bad)[:200]}: header keys and values must be strings "
+                               "(json.dumps anything else); nothing was written.")
     config_dicts = {c: config_to_header(cfg) for c, cfg in configs.items()}
     adapter = from_flat_state_dict(to_flat_state_dict(state_dicts), config_dicts, source=str(path))  # check before writing
     header = {**(metadata or {}), "format": FORMAT, "format_version": str(FORMAT_VERSION), "gralora_configs": json.dumps(adapter.configs)}
     if base_model:
         header["base_model"] = str(base_model)
-    flat = to_flat_state_dict(state_dicts, dtype)
+    flat = to_flat_state_dict(state_dicts, dtype, str(path))
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
     return path
 
@@ -305,7 +349,7 @@ def find_peft_folders(folder: str | os.PathLike) -> dict[str, Path]:
 def _read_peft_config(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise AdapterFileError(f"{path}: not a readable JSON file ({err}).") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, found {type(data).__name__}.")
@@ -329,7 +373,7 @@ def read_peft_folder(folder: str | os.PathLike) -> AdapterFile:
     parts = find_peft_folders(folder)
     if not parts:
         raise AdapterFileError(f"{folder}: no {PEFT_CONFIG_NAME} here or in unet/, text_encoder/, text_encoder_2/.")
-    tensors, configs, metadata = {}, {}, {}
+    tensors, configs, metadata, files = {}, {}, {}, []
     for component, sub in parts.items():
         data = _read_peft_config(sub / PEFT_CONFIG_NAME)
         weights = sub / PEFT_WEIGHTS_NAME
@@ -337,9 +381,17 @@ def read_peft_folder(folder: str | os.PathLike) -> AdapterFile:
             pickled = [p.name for p in sub.glob("adapter_model.*") if p.suffix in PICKLE_SUFFIXES]
             why = f"only {pickled}: pickle files are refused, we never unpickle adapters" if pickled else "missing"
             raise AdapterFileError(f"{weights}: {why}. Save the adapter with safetensors (PEFT's default).")
-        _, component_tensors = _load_safetensors(weights)
+        config = config_to_header(data)
+
+        def check_shapes(_, specs, component=component, config=config):  # before any tensor is read
+            from_flat_state_dict({f"{component}.{key}": spec for key, spec in specs.items()}, {component: config}, source=str(weights))
+
+        _, component_tensors = _load_safetensors(weights, check_shapes)
         tensors.update({f"{component}.{key}": t for key, t in component_tensors.items()})
-        configs[component] = config_to_header(data)
+        configs[component] = config
+        files += [str(sub / PEFT_CONFIG_NAME), str(weights)]
         if data.get("base_model_name_or_path"):
             metadata.setdefault("base_model", str(data["base_model_name_or_path"]))
-    return from_flat_state_dict(tensors, configs, metadata, str(folder))
+    adapter = from_flat_state_dict(tensors, configs, metadata, str(folder))
+    adapter.files = tuple(files)
+    return adapter

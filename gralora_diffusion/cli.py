@@ -21,6 +21,7 @@ COMMANDS = {
     "push": "push",
     "make-tiny": "make_tiny",
     "evaluate": "evaluate",
+    "compare": "compare",
 }
 # Commands that run models on the CPU: they choose torch's thread count and say so.
 COMPUTE_COMMANDS = {"quickstart", "train", "generate", "export-lora", "evaluate", "compare"}

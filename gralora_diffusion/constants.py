@@ -16,6 +16,10 @@ CONFIG_NAME = "training_config.yaml"
 STATE_NAME = "training_state.json"
 CARD_NAME = "README.md"
 
+# DreamBooth's metric models (evaluate, compare, train --validation_metrics).
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO ViT-S/16
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+
 # Suffixes of files we never unpickle, and of images we read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

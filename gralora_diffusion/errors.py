@@ -29,5 +29,10 @@ class TrainingError(GraloraError, RuntimeError):
     """Training went wrong while running (a NaN/Inf loss, non-finite weights)."""
 
 
+class OutputError(GraloraError, OSError):
+    """A file could not be written (disk full, read-only or missing permission); nothing was
+    half-written and a file already at that path is unchanged."""
+
+
 class UnreadableImageError(TrainingError):
     """A training image whose pixels cannot be decoded, met while training (its header read fine)."""

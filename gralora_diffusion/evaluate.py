@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -84,6 +85,15 @@ def default_identifier(subject: str) -> str | None:
     return words[0] if len(words) > 1 else None
 
 
+def subject_of(instance_prompt: str | None) -> str | None:
+    """'a photo of sks teapot' -> 'sks teapot': the prompt without a leading 'a photo of' (or 'an
+    image of', 'a picture of', 'a', 'an')."""
+    if not instance_prompt:
+        return None
+    pattern = r"^\s*(?:(?:an?|the)\s+)?(?:(?:photo|picture|image|rendering)\s+of\s+)?(?:(?:an?|the)\s+)?"
+    return re.sub(pattern, "", instance_prompt, flags=re.IGNORECASE).strip() or None
+
+
 def read_instance_images(folder) -> list[Image.Image]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -114,6 +124,18 @@ def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEF
     if base_model in BASE_SCORERS:
         module, _, function = BASE_SCORERS[base_model].partition(":")
         scorers += list(getattr(import_module(module), function)(instance_images, device))
+    return scorers
+
+
+def instance_scorers(instance_data_dir, instance_prompt, dino_model, clip_model, device=None, base_model=None) -> list:
+    """`build_scorers` for a training run: its instance images, the identifier read from its instance
+    prompt ('a photo of sks teapot' -> 'sks')."""
+    subject = subject_of(instance_prompt)
+    scorers = build_scorers(read_instance_images(instance_data_dir), dino_model, clip_model,
+                            default_identifier(subject) if subject else None, device, base_model)
+    if not scorers:
+        raise GraloraConfigError(f"--dino_model and --clip_model are none and the base {base_model!r} has no scorers of "
+                                 "its own (evaluate.BASE_SCORERS): nothing to score with; give a DINO or CLIP model.")
     return scorers
 
 

@@ -28,11 +28,12 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter_config import scaling
-from .adapter_file import AdapterFile, atomic_write, split_module_key
+from .adapter_file import AdapterFile, atomic_write, cast_checked, split_module_key
 from .constants import KOHYA_WEIGHT_NAME, torch_dtype
 from .constants import LORA_WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .errors import ExportError
 from .export_names import module_path, resolve_layers_per_block, to_kohya
+from .numbers import finite_number
 from .sources import resolve_adapter
 
 FORMATS = ("diffusers", "kohya")
@@ -186,7 +187,7 @@ def estimate_size(adapter: AdapterFile, rank: int | None = None, dtype=None, for
     """Bytes of the tensors an export would write (the header adds a few kB)."""
     itemsize = torch.empty((), dtype=resolve_dtype(dtype, adapter)).element_size()
     plan = _export_ranks(adapter, rank)
-    alpha_bytes = itemsize if format == "kohya" else 0
+    alpha_bytes = 4 if format == "kohya" else 0  # kohya's alpha scalars are float32 whatever the weights' dtype
     return sum(r * (i + o) * itemsize + alpha_bytes for _, _, _, i, o, r in plan)
 
 
@@ -219,13 +220,29 @@ def _convert(adapter: AdapterFile, plan, format: str, rank: int | None, out_dtyp
             energy, total = 1.0, float(((up.T @ up).double() * (down @ down.T).double()).sum())
         else:
             down, up, energy, total = truncate(down, up, written)
-        down, up = down.to(out_dtype).contiguous(), up.to(out_dtype).contiguous()
+        where = f"{adapter.source}: {component}.{module}"
+        down = cast_checked(down, out_dtype, f"{where} (lora_A)", ExportError).contiguous()
+        up = cast_checked(up, out_dtype, f"{where} (lora_B, the scaling folded in)", ExportError).contiguous()
         name = module_path(component, module, format, lpb)
         tensors[f"{component}.{name}.lora_A.weight"] = down
         tensors[f"{component}.{name}.lora_B.weight"] = up
         entries.setdefault(component, []).append((name, written))
         modules.append(ModuleExport(component, module, in_f, out_f, exact_rank(config), written, energy, total))
-    return (to_kohya(tensors, out_dtype) if format == "kohya" else tensors), modules, entries
+    return (to_kohya(tensors) if format == "kohya" else tensors), modules, entries
+
+
+def check_not_source(dst: Path, adapter: AdapterFile) -> None:
+    """Refuse a destination that is one of the files the adapter was read from, however it is
+    spelled: the file, its folder's file, a PEFT folder's adapter_model.safetensors or
+    adapter_config.json, through symlinks, `..` or a hard link. Nothing is written."""
+    sources = [Path(f) for f in adapter.files] or [Path(str(adapter.source))]
+    target = dst.resolve()
+    for source in sources:
+        same = target == source.resolve()
+        with contextlib.suppress(OSError):  # a hard link: another name for the same inode
+            same = same or os.path.samefile(dst, source)
+        if same:
+            raise ExportError(f"{dst} is {source}, a file of the source adapter; pick another output path. Nothing was written.")
 
 
 @contextlib.contextmanager
@@ -256,7 +273,9 @@ def export_lora(
     existing folder (then `pytorch_lora_weights.safetensors` / `lora_kohya.safetensors` inside).
     rank=None: exact (rank k·r + hybrid_r); rank=N: SVD-truncated to N. dtype: fp32/fp16/bf16 (default:
     the adapter's). max_size: bytes; a larger export is refused before anything is written.
-    layers_per_block: the UNet's (kohya names only; default from the base model, else SDXL's 2).
+    layers_per_block: the UNet's (kohya names only; default from the base model's config, else read off
+    the adapter's names where unambiguous, else refused). The destination may not be a file of the
+    source (checked through symlinks and `..`); a cast to fp16 that overflows is refused, naming the module.
     """
     # the arguments first: nonsense fails before the adapter is read or downloaded
     if format not in FORMATS:
@@ -264,9 +283,10 @@ def export_lora(
     _check_rank(rank)
     if dtype is not None:
         resolve_dtype(dtype, None)  # checks the name; only dtype=None needs the adapter
-    if max_size is not None and max_size <= 0:
-        raise ExportError(f"max_size={max_size!r}: give a positive size (--max-size is in MB).")
-    if layers_per_block is not None and (not isinstance(layers_per_block, int) or layers_per_block < 1):
+    if max_size is not None:
+        finite_number(max_size, "max_size (bytes)", ExportError, low=0, low_open=True)
+    if layers_per_block is not None and (not isinstance(layers_per_block, int) or isinstance(layers_per_block, bool)
+                                         or layers_per_block < 1):
         raise ExportError(f"layers_per_block={layers_per_block!r}: the UNet's layers per block, an integer >= 1 (SDXL: 2).")
     dst = Path(dst)
     blocker = next((p for p in [dst.parent, *dst.parent.parents] if p.exists()), None)
@@ -276,8 +296,7 @@ def export_lora(
     out_dtype = resolve_dtype(dtype, adapter)
     if dst.is_dir():
         dst = dst / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)
-    if dst.resolve() == Path(str(adapter.source)).resolve():
-        raise ExportError(f"{dst} is the source adapter itself; pick another output path.")
+    check_not_source(dst, adapter)
     plan = _export_ranks(adapter, rank)
     estimate = estimate_size(adapter, rank, out_dtype, format)
     if max_size is not None and estimate > max_size:

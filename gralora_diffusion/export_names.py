@@ -62,20 +62,21 @@ def module_path(component: str, module: str, format: str, layers_per_block: int 
     return diffusers_module(component, module)
 
 
-def to_kohya(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' `convert_state_dict_to_kohya` (the lora_down/up, lora_te1/te2/unet and `_` renames)
-    on `<component>.<path>.lora_A/B.weight` keys. Its alpha tensors are int64; ours keep the file's
-    dtype (the value, the rank, is the same: alpha/rank = 1)."""
+    on `<component>.<path>.lora_A/B.weight` keys. Its alpha tensors are int64; ours are float32 whatever
+    the weights' dtype, as kohya's sd-scripts writes them: bf16 cannot hold a rank such as 514 (it
+    becomes 512, so loaders would scale by 0.9961). The value is the rank: alpha/rank = 1."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     converted = convert_state_dict_to_kohya(state_dict)
-    return {key: torch.tensor(float(t), dtype=dtype) if key.endswith(".alpha") else t for key, t in converted.items()}
+    return {key: torch.tensor(float(t), dtype=torch.float32) if key.endswith(".alpha") else t for key, t in converted.items()}
 
 
 def kohya_key(component: str, module: str, layers_per_block: int) -> str:
     """`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`, ..."""
     path = module_path(component, module, "kohya", layers_per_block)
-    names = to_kohya({f"{component}.{path}.lora_A.weight": torch.zeros(1, 1)}, torch.float32)
+    names = to_kohya({f"{component}.{path}.lora_A.weight": torch.zeros(1, 1)})
     return next(iter(names)).removesuffix(".lora_down.weight")
 
 
@@ -86,17 +87,47 @@ def diffusers_module(component: str, module: str) -> str:
     return module
 
 
-def resolve_layers_per_block(adapter: AdapterFile, layers_per_block: int | None) -> int:
+def resolve_layers_per_block(adapter: AdapterFile, layers_per_block: int | None) -> int | None:
     """The UNet's layers_per_block: given; else from the base model's UNet config when it is on this
-    machine (a folder, the embedded tiny model, or the Hub cache); else from the adapter's names (an
-    up block has layers_per_block + 1 attentions, and every preset adapts all of them); else SDXL's 2."""
+    machine (a folder, the embedded tiny model, or the Hub cache); else read off the adapter's names,
+    only where that is unambiguous (`_layers_from_names`). Otherwise refused: a guess writes kohya
+    names for the wrong modules. None when the adapter has no UNet part (the names do not need it)."""
     if layers_per_block is not None:
         return int(layers_per_block)
+    if "unet" not in adapter.state_dicts:
+        return None
     config = _base_unet_config(adapter.base_model) if adapter.base_model else None
     if config is not None:
         return _unet_layers(config)
-    up_layers = [int(m[3]) for key in adapter.state_dicts.get("unet", {}) if (m := _UNET_ATTENTION.match(key)) and m[1] == "up_blocks"]
-    return max(up_layers) if up_layers and max(up_layers) > 0 else SDXL_LAYERS_PER_BLOCK
+    inferred = _layers_from_names(adapter)
+    if inferred is None:
+        raise ExportError(
+            f"{adapter.source}: kohya names need the UNet's layers_per_block, and it cannot be told for sure: the base "
+            f"model ({adapter.base_model or 'not recorded'}) is not on this machine and the adapter's targets do not cover "
+            "every attention of the up blocks. Pass --layers-per-block N (layers_per_block=N; SDXL: 2), or export with "
+            "--format diffusers."
+        )
+    return inferred
+
+
+def _layers_from_names(adapter: AdapterFile) -> int | None:
+    """An up block has layers_per_block + 1 attentions, a down block layers_per_block. When the UNet
+    targets are plain module names (matched in every block, as the presets are), the adapter covers
+    all of them: the largest up-block index is the answer, and the down blocks must agree. Targets
+    that pick blocks (a regex, paths with block indices) or disagreeing names -> None (ambiguous)."""
+    targets = adapter.configs["unet"]["target_modules"]
+    picks_blocks = isinstance(targets, str) or any(
+        part.endswith("blocks") or part in ("attentions", "mid_block") for t in targets for part in t.split("."))
+    found = {"up_blocks": set(), "down_blocks": set()}
+    for key in adapter.state_dicts["unet"]:
+        if (m := _UNET_ATTENTION.match(key)) is not None:
+            found[m[1]].add(int(m[3]))
+    up, down = found["up_blocks"], found["down_blocks"]
+    if picks_blocks or not up or max(up) < 1 or up != set(range(max(up) + 1)):
+        return None
+    if down and down != set(range(max(up))):
+        return None
+    return max(up)
 
 
 def _base_unet_config(base: str):
@@ -105,7 +136,11 @@ def _base_unet_config(base: str):
     if base in (TINY_MODEL_ID, "tiny"):
         return UNET_CONFIG
     path = Path(base) / "unet" / "config.json"
-    if not path.is_file():
+    try:  # the header's base_model is any string: a name too long for the OS is no folder
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
         try:
             from huggingface_hub import try_to_load_from_cache
 
@@ -113,11 +148,16 @@ def _base_unet_config(base: str):
         except Exception:  # not a repo id: nothing cached to read
             return None
         path = Path(cached) if isinstance(cached, str) else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ExportError(f"{path}: the base model's UNet config is not readable JSON ({err}); pass --layers-per-block N.") from None
 
 
 def _unet_layers(config) -> int:
-    value = config["layers_per_block"] if isinstance(config, dict) else config.layers_per_block
-    if not isinstance(value, int):
+    value = config.get("layers_per_block") if isinstance(config, dict) else config.layers_per_block
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ExportError(f"The base UNet has per-level layers_per_block={value}; SDXL's kohya layout needs one number.")
     return value

@@ -8,60 +8,96 @@ semantics as PEFT's LoRA layer. It adds no state of its own, so parameters, stat
 
 The forward computes PEFT's update without its two full-output temporaries (the copy that ends
 its second einsum and the `scaling * output` tensor): the k up-projections accumulate straight
-into a block view of the base layer's output, `scaling` being the matmul's alpha. `_BlockUpdate`
-holds that step and its hand-written backward, so autograd keeps no full-size buffer either.
+into a block view of the base layer's output, `scaling` being the matmul's alpha. The hybrid
+LoRA branch rides in the same two batched matmuls as k extra rank columns. Under `torch.autocast`
+the update is computed in autocast's dtype, as PEFT's matmuls would be, and the output keeps the
+base layer's dtype, as `nn.Linear` and PEFT's LoRA layer do (PEFT's GraLoRA layer casts it back
+to the input's dtype, a full-size copy). `_BlockUpdate` holds that step and its hand-written
+backward, so autograd keeps no full-size buffer either.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
 
 
 class _BlockUpdate(torch.autograd.Function):
-    """result[M, out] += s · GraLoRA(x[M, in]; A[k, in/k, r], B[k, r, out/k]), in place.
+    """result[M, out] += s · GraLoRA(x[M, in]; A[k, in/k, r], B[k, r, out/k]) (+ hybrid), in place.
 
     Block n of x is projected by A[n] to r dims, h[n] = x_n A[n]. Output block j reads the
     j-th rank-t slice of every h[n] (t = r/k): g[j] = [h[0][:, jt:(j+1)t], …, h[k-1][:, jt:(j+1)t]],
-    the small permutation of PEFT's layer, and gets s · g[j] B[j]. With k = 1 it is a plain LoRA
-    update, which is how the hybrid branch uses it.
+    the small permutation of PEFT's layer, and gets s · g[j] B[j]. The hybrid LoRA (A_g [hr, in],
+    B_g [out, hr]) is split the same way: block n of x gets A_g's n-th column block as hr extra
+    columns of A[n], their sum over n is x A_gᵀ, which every output block j reads as hr extra
+    rows of B[j] (B_g's j-th row block). The matmuls run in `dtype`; gradients return in it and
+    autograd casts them to each parameter's own dtype (fp32 master weights under autocast).
     """
 
     @staticmethod
-    def forward(ctx, result, x, A, B, scaling):
+    def forward(ctx, result, x, A, B, A_g, B_g, scaling, dtype):
         k, i, r = A.shape
         o, M, t = B.shape[2], x.shape[0], r // k
-        h = torch.bmm(x.view(M, k, i).transpose(0, 1), A)  # [k (n), M, r]
-        g = h.view(k, M, k, t).transpose(0, 2).contiguous().view(k, M, r)  # [k (j), M, n·t]
+        x = x.to(dtype)
+        if A_g is None:
+            A, B, hr = A.to(dtype), B.to(dtype), 0
+        else:
+            hr = A_g.shape[0]
+            A = torch.cat((A.to(dtype), A_g.to(dtype).view(hr, k, i).permute(1, 2, 0)), dim=2)  # [k, in/k, r+hr]
+            B = torch.cat((B.to(dtype), B_g.to(dtype).view(k, o, hr).transpose(1, 2)), dim=1)  # [k, r+hr, out/k]
+        h = torch.bmm(x.view(M, k, i).transpose(0, 1), A)  # [k (n), M, r+hr]
+        if hr:
+            g = h.new_empty(k, M, r + hr)
+            g[..., :r].unflatten(2, (k, t)).copy_(h[..., :r].unflatten(2, (k, t)).transpose(0, 2))
+            g[..., r:].copy_(h[..., r:].sum(0).expand(k, M, hr))
+        else:
+            g = h.view(k, M, k, t).transpose(0, 2).contiguous().view(k, M, r)  # [k (j), M, n·t]
         blocks = result.view(M, k, o).transpose(0, 1)  # [k (j), M, out/k], a view of result
-        if result.dtype == g.dtype:
+        if result.dtype == dtype:
             blocks.baddbmm_(g, B, alpha=scaling)
-        else:  # adapter and base in different dtypes: PEFT casts the update to the result's dtype
+        else:  # base output in another dtype: PEFT casts the update to the result's dtype
             blocks.add_(torch.bmm(g, B).to(result.dtype), alpha=scaling)
         ctx.save_for_backward(x, A, B, g)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.hr = scaling, hr
         ctx.mark_dirty(result)
         return result
 
     @staticmethod
     def backward(ctx, grad):
         x, A, B, g = ctx.saved_tensors
-        k, i, r = A.shape
-        o, M, t, s = B.shape[2], x.shape[0], r // k, ctx.scaling
-        grad_blocks = grad.contiguous().view(M, k, o).transpose(0, 1).to(g.dtype)  # [k, M, out/k]
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[3]:
-            grad_B = torch.bmm(g.transpose(1, 2), grad_blocks).mul_(s)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_g = torch.bmm(grad_blocks, B.transpose(1, 2)).mul_(s)  # [k (j), M, n·t]
-            grad_h = grad_g.view(k, M, k, t).transpose(0, 2).contiguous().view(k, M, r)  # [k (n), M, r]
-            if ctx.needs_input_grad[2]:
-                grad_A = torch.bmm(x.view(M, k, i).permute(1, 2, 0), grad_h)
+        k, i, rh = A.shape
+        hr, s = ctx.hr, ctx.scaling
+        o, M, r = B.shape[2], x.shape[0], rh - hr
+        t = r // k
+        grad_blocks = grad.view(M, k, o).transpose(0, 1).to(g.dtype)  # [k, M, out/k]
+        grad_x = grad_A = grad_B = grad_A_g = grad_B_g = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[5]:
+            grad_Bc = torch.bmm(g.transpose(1, 2), grad_blocks).mul_(s)  # [k, r+hr, out/k]
+            grad_B = grad_Bc[:, :r]
+            if hr:
+                grad_B_g = grad_Bc[:, r:].transpose(1, 2).reshape(k * o, hr)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            grad_g = torch.bmm(grad_blocks, B.transpose(1, 2)).mul_(s)  # [k (j), M, n·t (+hr)]
+            if hr:
+                grad_h = grad_g.new_empty(k, M, rh)
+                grad_h[..., :r].unflatten(2, (k, t)).copy_(grad_g[..., :r].unflatten(2, (k, t)).transpose(0, 2))
+                grad_h[..., r:].copy_(grad_g[..., r:].sum(0).expand(k, M, hr))
+            else:
+                grad_h = grad_g.view(k, M, k, t).transpose(0, 2).contiguous().view(k, M, r)  # [k (n), M, r]
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+                x_blocks = x.view(M, k, i).transpose(0, 1)  # [k, M, in/k]
+                if x.dtype != torch.float32:  # CPU bf16 bmm on this strided view is ~6x slower than the copy
+                    x_blocks = x_blocks.contiguous()
+                grad_Ac = torch.bmm(x_blocks.transpose(1, 2), grad_h)  # [k, in/k, r+hr]
+                grad_A = grad_Ac[..., :r]
+                if hr:
+                    grad_A_g = grad_Ac[..., r:].permute(2, 0, 1).reshape(hr, k * i)
             if ctx.needs_input_grad[1]:
                 grad_x = x.new_empty(M, k * i)
                 # beta=0: the uninitialised buffer is ignored; written in place, no transpose copy
                 grad_x.view(M, k, i).transpose(0, 1).baddbmm_(grad_h, A.transpose(1, 2), beta=0)
-        return grad, grad_x, grad_A, grad_B, None
+        return grad, grad_x, grad_A, grad_B, grad_A_g, grad_B_g, None, None
 
 
 class GraloraLinear(PeftGraloraLinear):
@@ -95,33 +131,49 @@ class GraloraLinear(PeftGraloraLinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """PEFT's forward (disable/merged handling, active adapters, dtype casts, one dropout
-        call per branch in PEFT's order), with the update accumulated in place into the result."""
-        if torch.is_autocast_enabled(x.device.type):
-            # Under autocast the matmuls pick their own dtype, which the in-place accumulation
-            # cannot follow (bf16 products into an fp32 result); PEFT's out-of-place path can.
-            return super().forward(x, *args, **kwargs)
+        call per branch in PEFT's order), with the update accumulated in place into the result.
+        Under autocast the update is computed in autocast's dtype and the base output's dtype kept."""
         previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result.to(previous_dtype)
-        result = result.contiguous()
+            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+        shape = (*x.shape[:-1], self.out_features)
+        if type(self.base_layer) is nn.Linear and not args and not kwargs:
+            # On rows, the Linear's output is no view (on [B, L, in] it is one), so the in-place
+            # update needs no CopySlices node, which would copy the full-size gradient in backward.
+            x = x.reshape(-1, self.in_features)
+            result = self.base_layer(x)
+        else:
+            result = self.base_layer(x, *args, **kwargs).contiguous()
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:
+            previous_dtype = result.dtype
         rows = result.numel() // self.out_features
         for adapter in self.active_adapters:
             if adapter not in self.gralora_A:
                 continue
-            A, B = self.gralora_A[adapter], self.gralora_B[adapter]
-            dropout, scaling = self.gralora_dropout[adapter], self.scaling[adapter]
-            x_adapter = x.to(A.dtype)
-            xd = dropout(x_adapter).reshape(rows, self.in_features)
-            result = _BlockUpdate.apply(result, xd, A, B, scaling)
+            A = self.gralora_A[adapter]
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else A.dtype
+            dropout = self.gralora_dropout[adapter]
+            if isinstance(dropout, nn.Identity) or not dropout.training:  # no call, no cast, same values
+                xd = x.reshape(rows, self.in_features)
+                xh = xd
+            else:  # PEFT's order: one dropout call per branch, on the input cast to the adapter's dtype
+                xd = dropout(x.to(A.dtype)).reshape(rows, self.in_features)
+                xh = dropout(x.to(A.dtype)).reshape(rows, self.in_features) if self.hybrid_r[adapter] else xd
+            if self.hybrid_r[adapter] > 0 and xh is not xd:
+                result = _BlockUpdate.apply(result, xd, A, self.gralora_B[adapter], None, None,
+                                            self.scaling[adapter], dtype)
+                # Hybrid on its own dropout mask: the k = 1 case, on the weights of PEFT's two Linears.
+                A_g = self.gralora_A_general[adapter].weight.t().unsqueeze(0)  # [1, in, hybrid_r]
+                B_g = self.gralora_B_general[adapter].weight.t().unsqueeze(0)  # [1, hybrid_r, out]
+                result = _BlockUpdate.apply(result, xh, A_g, B_g, None, None, self.scaling[adapter], dtype)
+                continue
+            A_g = B_g = None
             if self.hybrid_r[adapter] > 0:
-                # Plain LoRA of rank hybrid_r: the k = 1 case, on the weights of PEFT's two Linears.
-                A_general = self.gralora_A_general[adapter].weight.t().unsqueeze(0)  # [1, in, hybrid_r]
-                B_general = self.gralora_B_general[adapter].weight.t().unsqueeze(0)  # [1, hybrid_r, out]
-                xd = dropout(x_adapter).reshape(rows, self.in_features)
-                result = _BlockUpdate.apply(result, xd, A_general, B_general, scaling)
-        return result.to(previous_dtype)
+                A_g, B_g = self.gralora_A_general[adapter].weight, self.gralora_B_general[adapter].weight
+            result = _BlockUpdate.apply(result, xd, A, self.gralora_B[adapter], A_g, B_g, self.scaling[adapter], dtype)
+        return result.view(shape).to(previous_dtype)

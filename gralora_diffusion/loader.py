@@ -44,6 +44,7 @@ from .model_ops import (
     tuners_by_weight,
     unfuse_layer,
 )
+from .numbers import finite_number
 from .sources import resolve_adapter
 
 
@@ -162,9 +163,15 @@ class GraloraLoaderMixin:
         weights = weights if isinstance(weights, list) else [weights] * len(names)
         if len(weights) != len(names):
             raise GraloraConfigError(f"{len(names)} adapter names but {len(weights)} weights.")
-        for component, model in self._gralora_components().items():
+        components = self._gralora_components()
+        for name, weight in zip(names, weights):
+            check_adapter_weight(weight, f"adapter_weights for {name!r}", list(components))
+        for component, model in components.items():
             if gralora_layers(model):
-                set_gralora_weights(model, names, [w.get(component) if isinstance(w, dict) else w for w in weights])
+                try:
+                    set_gralora_weights(model, names, [w.get(component) if isinstance(w, dict) else w for w in weights])
+                except (ValueError, TypeError, KeyError) as err:  # diffusers' block-dict checks
+                    raise GraloraConfigError(f"adapter_weights for {component}: {err}") from None
 
     def delete_gralora_adapters(self, adapter_names) -> None:
         """Remove GraLoRA adapters (layers left empty give their place back to the base module)."""
@@ -197,6 +204,7 @@ class GraloraLoaderMixin:
         changed weight is kept while fused (set it False to save that memory; unfusing then subtracts,
         exact up to float rounding). `safe_fusing` checks every fused weight for NaN/Inf before any
         weight changes."""
+        finite_number(gralora_scale, "gralora_scale")
         models = self._gralora_components(components)
         if adapter_names is not None:
             adapter_names = self._check_gralora_names(adapter_names)
@@ -241,6 +249,35 @@ class GraloraLoaderMixin:
     def enable_gralora(self) -> None:
         for layer in self._all_gralora_layers():
             layer.enable_adapters(True)
+
+
+def check_adapter_weight(weight, what: str, components: list[str]) -> None:
+    """One adapter's weight as `set_gralora_adapters` takes it: None, a finite number, or a dict
+    {component: weight} with known component keys, the UNet's possibly diffusers' block dict
+    ({"down": ..., "mid": ..., "up": ...}) whose every number is finite. GraloraConfigError otherwise."""
+    if not isinstance(weight, dict):
+        if weight is not None:
+            finite_number(weight, what)
+        return
+    unknown = [key for key in weight if key not in components]
+    if unknown:
+        raise GraloraConfigError(f"{what}: unknown component key(s) {unknown}; valid keys: {components}.")
+    for component, value in weight.items():
+        if component == "unet":
+            _check_leaves(value, f"{what}[{component!r}]")
+        elif value is not None:
+            finite_number(value, f"{what}[{component!r}]")
+
+
+def _check_leaves(value, what: str) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _check_leaves(inner, f"{what}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, inner in enumerate(value):
+            _check_leaves(inner, f"{what}[{i}]")
+    elif value is not None:
+        finite_number(value, what)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL  # noqa: F401  (re-exported: this module's public names)
 from .errors import GraloraConfigError
-
-DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO ViT-S/16
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 BATCH_SIZE = 16
 
 Scorer = Callable[[Sequence[Image.Image], Sequence[str]], dict]

@@ -12,6 +12,7 @@ then. Unfusing restores the copy only when that is all still so; else it subtrac
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from peft import GraloraConfig, set_peft_model_state_dict
 from peft.tuners.gralora.layer import GraloraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .adapter_file import split_module_key
+from .adapter_file import normalize_module_key, split_module_key
 from .errors import AdapterFileError, GraloraConfigError
 from .inject import check_config, inject_config, plain_modules
 
@@ -119,36 +120,62 @@ def remove_gralora_adapter(model: nn.Module, adapter_name: str) -> None:
         setattr(parent, name, child.base_layer)
 
 
+# One load at a time in this process: PEFT's injection and `warnings.catch_warnings` touch
+# process-wide state, and two interleaved loads must not see each other's half-done changes.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_into_models(steps: list[tuple[str, nn.Module, GraloraConfig, dict]], adapter_name: str, source: str) -> None:
     """Inject and fill one adapter into several models, (component, model, config, state dict) each,
-    already checked with `check_fits`; on any failure every model is put back as it was."""
-    states = [_ModelState(model) for _, model, _, _ in steps]
-    done = []
-    try:
-        for component, model, config, state_dict in steps:
-            done.append((component, model))
-            # low_cpu_mem_usage: the weights are assigned from the file, not copied in. PEFT's GraLoRA
-            # layer still kaiming-initialises A and B; injecting under torch.device("meta") would skip
-            # that, but its dispatch overhead made loading 1.7x slower on the tiny pipeline and no
-            # faster at SDXL widths on CPU, so we do not.
-            inject_config(model, config, adapter_name, low_cpu_mem_usage=True)
-            result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name, low_cpu_mem_usage=True)
-            empty = [n for n, p in model.named_parameters() if p.is_meta]
-            if result.unexpected_keys or empty:
+    already checked with `check_fits`; on any failure every model is put back as it was.
+
+    Thread-safe: loads are serialized, and injection does not use PEFT's low_cpu_mem_usage, whose
+    `init_empty_weights` patches `nn.Module.register_parameter` for the whole process while it runs (a
+    module built in another thread meanwhile lands on the meta device, and two overlapping patches
+    restore each other's patch, leaving the process patched for good). Fresh layers cost one init of
+    the adapter's size (no measurable difference on the tiny pipeline: 0.13 s both ways); the file's
+    tensors are then assigned, not copied."""
+    with _LOAD_LOCK:
+        states = [_ModelState(model) for _, model, _, _ in steps]
+        done = []
+        try:
+            for component, model, config, state_dict in steps:
+                done.append((component, model))
+                inject_config(model, config, adapter_name)
+                result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name, low_cpu_mem_usage=True)
+                empty = [n for n, p in model.named_parameters() if p.is_meta]
+                if result.unexpected_keys or empty:
+                    raise AdapterFileError(
+                        f"{source}: {component}: PEFT did not place every tensor (unexpected keys "
+                        f"{result.unexpected_keys[:3]}, weights left empty {empty[:3]})."
+                    )
+                check_cast(model, component, adapter_name, state_dict, source)
+        except BaseException as err:
+            for (_, model), state in zip(done, states):
+                remove_gralora_adapter(model, adapter_name)
+                state.restore()
+            if isinstance(err, Exception) and not isinstance(err, (AdapterFileError, GraloraConfigError)):
                 raise AdapterFileError(
-                    f"{source}: {component}: PEFT did not place every tensor (unexpected keys "
-                    f"{result.unexpected_keys[:3]}, weights left empty {empty[:3]})."
-                )
-    except BaseException as err:
-        for (_, model), state in zip(done, states):
-            remove_gralora_adapter(model, adapter_name)
-            state.restore()
-        if isinstance(err, Exception) and not isinstance(err, (AdapterFileError, GraloraConfigError)):
+                    f"{source}: loading into {done[-1][0]} failed ({type(err).__name__}: {err}); "
+                    "the adapter was removed again and the pipeline is unchanged."
+                ) from err
+            raise
+
+
+def check_cast(model: nn.Module, component: str, adapter_name: str, state_dict: dict, source: str) -> None:
+    """The file's tensors are finite (checked on read); PEFT casts them to the model's dtype, and in an
+    fp16 pipeline values beyond 65504 become inf without a word. Refuse, naming the module and value."""
+    for name, param in model.named_parameters():
+        parts = name.split(".")  # ...to_q.gralora_A.<adapter> or ...to_q.gralora_A_general.<adapter>.weight
+        at = next((i for i in range(1, len(parts)) if parts[i] == adapter_name and parts[i - 1].startswith("gralora_")), None)
+        if at is not None and not torch.isfinite(param).all():
+            key = normalize_module_key(".".join(parts[:at] + parts[at + 1 :]))
+            largest = float(state_dict[key].abs().max()) if key in state_dict else float("nan")
             raise AdapterFileError(
-                f"{source}: loading into {done[-1][0]} failed ({type(err).__name__}: {err}); "
-                "the adapter was removed again and the pipeline is unchanged."
-            ) from err
-        raise
+                f"{source}: {component}.{key}: values up to {largest:.6g} do not fit this pipeline's "
+                f"{str(param.dtype).removeprefix('torch.')} (largest {torch.finfo(param.dtype).max:.6g}); load it into a "
+                "float32 (or bfloat16) pipeline. Nothing was loaded."
+            )
 
 
 @contextlib.contextmanager

@@ -26,7 +26,9 @@ def resolve_adapter(source, weight_name: str | None = None, **kwargs) -> Adapter
         raise TypeError(f"load_gralora_weights() got unexpected keyword arguments {unknown}; "
                         f"it takes {list(HUB_KWARGS + DICT_KWARGS)}.")
     if isinstance(source, AdapterFile):  # re-checked: an AdapterFile can be built by hand
-        return from_flat_state_dict(to_flat_state_dict(source.state_dicts), source.configs, source.metadata, source.source)
+        adapter = from_flat_state_dict(to_flat_state_dict(source.state_dicts), source.configs, source.metadata, source.source)
+        adapter.files = source.files
+        return adapter
     if isinstance(source, dict):
         return adapter_from_state_dict(source, kwargs.get("gralora_configs"), kwargs.get("metadata"))
     if not isinstance(source, (str, os.PathLike)):
@@ -64,7 +66,7 @@ def adapter_from_state_dict(state_dict: dict, gralora_configs=None, metadata: di
     if isinstance(gralora_configs, str):
         try:
             gralora_configs = json.loads(gralora_configs)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise AdapterFileError(f"{source}: gralora_configs is a string but not JSON ({err}).") from None
     if not isinstance(gralora_configs, dict):
         raise AdapterFileError(f"{source}: gralora_configs must be {{component: config}}, got {type(gralora_configs).__name__}.")

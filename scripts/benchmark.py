@@ -1,6 +1,7 @@
 """Benchmarks of GraLoRA against PEFT's LoRA and GraLoRA: a thin shell over the top-level benchmarks/ folder.
 
-    python scripts/benchmark.py layer [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json] [--quick|--full]
+    python scripts/benchmark.py layer [--device cpu|cuda] [--dtype fp32|bf16] [--autocast bf16|fp16] [--json out.json]
+                                      [--quick|--full]
                                       [--configs paper|all] [--threads N] [--clock wall|cpu]
     python scripts/benchmark.py infer [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json] [--quick]
     python scripts/benchmark.py NAME ...   (any other module of benchmarks/ with a run(args))
@@ -28,6 +29,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("benchmark", choices=BENCHMARKS)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--autocast", choices=["bf16", "fp16"],
+                        help="layer: forward under torch.autocast in this dtype, frozen weights in it, adapters fp32")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny shapes, few repetitions)")
     parser.add_argument("--full", action="store_true", help="layer: every token count of the grid, not only the smaller one")

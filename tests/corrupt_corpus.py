@@ -102,6 +102,14 @@ def build_cases(good: Path, tmp: Path):
     raw_case("newer_format_version", join({**header, "__metadata__": {**meta, "format_version": "99"}}, data), "newer")
     raw_case("no_header_metadata", join({k: v for k, v in header.items() if k != "__metadata__"}, data), "no gralora-diffusion header")
     raw_case("metadata_not_strings", join({**header, "__metadata__": {**meta, "format_version": 1}}, data), "")
+    # JSON nested deeper than Python's recursion limit: a RecursionError, not a ValueError
+    raw_case("header_nested_deep", join(b"[" * 100_000 + b"]" * 100_000, data), "not valid JSON")
+    deep_configs = {**meta, "gralora_configs": "[" * 100_000 + "]" * 100_000}
+    raw_case("configs_nested_deep", join({**header, "__metadata__": deep_configs}, data), "not JSON")
+    # a header that claims another shape for a tensor: refused from the header, before any read
+    lying = {**header, a_key: {**header[a_key], "shape": header[a_key]["shape"][:-1] + [header[a_key]["shape"][-1] * 2],
+                                "data_offsets": header[a_key]["data_offsets"]}}
+    raw_case("header_shape_lies", join(lying, data), "")
 
     def tensor_case(name, change, expect):
         cases.append((name, lambda: _rewrite_tensors(good, tmp / f"{name}.safetensors", change), expect))
@@ -141,6 +149,25 @@ def build_cases(good: Path, tmp: Path):
     tensor_case("config_field_missing", _edit_configs(lambda c: c["unet"].pop("alpha")), "missing fields ['alpha']")
     tensor_case("config_field_unknown", _edit_configs(lambda c: c["unet"].update(use_dora=True)), "unknown fields ['use_dora']")
     tensor_case("config_wrong_shape", _edit_configs(lambda c: c.update(unet=[1, 2])), "expected a JSON object")
+    # non-finite numbers in a header (Python's json reads NaN, Infinity, and 1e999 as inf)
+    tensor_case("alpha_nan", _edit_configs(lambda c: c["unet"].update(alpha=float("nan"))), "finite")
+    tensor_case("alpha_inf", _edit_configs(lambda c: c["unet"].update(alpha=float("inf"))), "finite")
+    tensor_case("alpha_minus_inf", _edit_configs(lambda c: c["text_encoder"].update(alpha=float("-inf"))), "finite")
+    tensor_case("alpha_string", _edit_configs(lambda c: c["unet"].update(alpha="16")), "must be a number")
+    tensor_case("alpha_huge_int", _edit_configs(lambda c: c["unet"].update(alpha=10**400)), "finite")
+    tensor_case("r_inf", _edit_configs(lambda c: c["unet"].update(r=float("inf"))), "integer")
+    tensor_case("k_nan", _edit_configs(lambda c: c["unet"].update(gralora_k=float("nan"))), "integer")
+    tensor_case("dropout_nan", _edit_configs(lambda c: c["unet"].update(gralora_dropout=float("nan"))), "finite")
+    tensor_case("target_regex_invalid", _edit_configs(lambda c: c["unet"].update(target_modules="(to_q|")), "not a valid regex")
+
+    def float8(tensors, _):
+        tensors[a_key] = tensors[a_key].to(torch.float8_e4m3fn)
+
+    def int_tensor(tensors, _):
+        tensors[a_key] = tensors[a_key].to(torch.int32)
+
+    tensor_case("float8_tensor", float8, "F8_E4M3")
+    tensor_case("int32_tensor", int_tensor, "I32")
 
     def lora_file():
         path = tmp / "a_lora.safetensors"

@@ -99,7 +99,7 @@ CASES = [
     ("export-rank-too-large", lambda f: ["export-lora", str(f / "adapter"), str(f / "x.safetensors"), "--rank", "100000"],
      ["rank=100000", "at most"]),
     ("export-negative-max-size", lambda f: ["export-lora", str(f / "adapter"), str(f / "x.safetensors"), "--max-size", "-1"],
-     ["max_size", "positive"]),
+     ["--max-size", "positive"]),
     ("export-into-a-file", lambda f: ["export-lora", str(f / "adapter"), str(f / "a_file.txt" / "x.safetensors")], ["is a file"]),
     ("export-not-an-adapter", lambda f: ["export-lora", str(f / "a_file.txt"), str(f / "x.safetensors")], ["a_file.txt"]),
     ("info-missing-adapter", lambda f: ["info", "/no/such/adapter.safetensors"], ["/no/such/adapter.safetensors", "no such file"]),

@@ -1,5 +1,6 @@
 """Our in-place GraLoRA forward equals PEFT's: outputs and gradients, in every branch of PEFT's forward."""
 
+import contextlib
 import copy
 
 import pytest
@@ -33,11 +34,13 @@ def peft_and_ours(k=2, hybrid_r=0, dropout=0.0, adapters=("default",), dtype=tor
     return model, ours
 
 
-def run(model, x, seed=0):
-    """Output and the gradients w.r.t. the input and every adapter parameter."""
+def run(model, x, seed=0, autocast=None):
+    """Output and the gradients w.r.t. the input and every adapter parameter; the forward under
+    CPU autocast to `autocast` when given, the backward outside it, as a training loop does."""
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
-    out = model(x)
+    with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+        out = model(x)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
     (out * weight).sum().backward()
     grads = {"x": x.grad}
@@ -160,3 +163,59 @@ def test_gradient_checkpointing(use_reentrant):
     assert {n.removeprefix("inner."): g for n, g in grads.items()}.keys() == grads_ref.keys()
     for name, grad in grads.items():
         assert rel(grad, grads_ref[name.removeprefix("inner.")]) <= 1e-6, name
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,hybrid_r", [(1, 0), (2, 0), (4, 0), (2, 4), (4, 4)])
+def test_autocast_matches_peft_with_fp32_master_weights(autocast_dtype, base_dtype, k, hybrid_r):
+    """Mixed-precision training: frozen base in fp32 or bf16, adapter kept in fp32, forward under
+    autocast. Values and gradients within the autocast dtype's tolerance of PEFT's autocast path;
+    gradients reach the parameters in fp32; the output keeps the base Linear's (autocast) dtype."""
+    model, ours = peft_and_ours(k=k, hybrid_r=hybrid_r, dtype=base_dtype, adapter_dtype=torch.float32)
+    x = torch.randn(2, 7, 64, dtype=base_dtype)
+    out_ref, grads_ref = run(model, x, autocast=autocast_dtype)
+    out, grads = run(ours, x, autocast=autocast_dtype)
+    assert out.dtype == autocast_dtype  # as nn.Linear and PEFT's LoRA under autocast
+    assert rel(out, out_ref) <= 1e-2
+    assert grads.keys() == grads_ref.keys()
+    names = {n.split(".")[1] for n in grads if "gralora" in n}
+    assert {"gralora_A", "gralora_B"} <= names and (not hybrid_r or "gralora_A_general" in names)
+    for name, grad in grads.items():
+        ref = grads_ref[name]
+        assert grad.dtype == ref.dtype, name  # fp32 for the adapter, the input's dtype for x
+        assert rel(grad, ref) <= 2e-2, (name, rel(grad, ref))
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+def test_autocast_dropout_same_seed(hybrid_r):
+    model, ours = peft_and_ours(k=2, hybrid_r=hybrid_r, dropout=0.3, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    model.train(), ours.train()
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    out_ref, grads_ref = run(model, x, seed=3, autocast=torch.bfloat16)
+    out, grads = run(ours, x, seed=3, autocast=torch.bfloat16)
+    assert rel(out, out_ref) <= 1e-2
+    for name in grads_ref:
+        assert rel(grads[name], grads_ref[name]) <= 2e-2, name
+
+
+def test_autocast_disabled_adapter_and_merged_match_peft():
+    model, ours = peft_and_ours(k=2, hybrid_r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    for m in (model, ours):
+        m.proj.enable_adapters(False)
+    out_ref, _ = run(model, x, autocast=torch.bfloat16)
+    out, _ = run(ours, x, autocast=torch.bfloat16)
+    assert torch.equal(out, out_ref)
+
+
+def test_autocast_gradient_checkpointing():
+    """Checkpointing re-runs the forward under the saved autocast state: same gradients."""
+    _, ours = peft_and_ours(k=2, hybrid_r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    out_ref, grads_ref = run(ours, x, autocast=torch.bfloat16)
+    ours.zero_grad(set_to_none=True)
+    out, grads = run(Checkpointed(ours, use_reentrant=False), x, autocast=torch.bfloat16)
+    assert torch.equal(out, out_ref)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_ref[name.removeprefix("inner.")]), name

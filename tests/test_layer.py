@@ -91,4 +91,7 @@ def test_forward_under_autocast_runs_and_matches_peft():
         peft = PeftGraloraLinear.forward(layer, x)
     ours.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    assert torch.equal(ours, peft)
+    # Our fast path computes in autocast's dtype like PEFT's matmuls, and keeps the base output's
+    # dtype as nn.Linear does (PEFT's GraLoRA casts back to the input's dtype).
+    assert ours.dtype == torch.bfloat16 and peft.dtype == torch.float32
+    assert ((ours.double() - peft.double()).norm() / peft.double().norm()).item() <= 1e-2

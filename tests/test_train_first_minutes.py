@@ -30,7 +30,7 @@ from gralora_diffusion.tiny import TINY_MODEL_ID
 from gralora_diffusion.train import TrainConfig, TrainConfigError, TrainingError, loop, train
 from gralora_diffusion.train.data import scan_images
 from gralora_diffusion.train.sampling import save_samples
-from gralora_diffusion.train.save import cast_finite, complete_checkpoints
+from gralora_diffusion.train.save import complete_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,10 +150,17 @@ def test_save_precision_sets_the_final_adapter_dtype_and_is_recorded(tmp_path, a
         pipe.load_gralora_weights(result.weights_path)
 
 
-def test_save_precision_refuses_a_cast_that_overflows():
-    assert cast_finite(torch.tensor([1.0, 70000.0]), torch.bfloat16, "x").dtype == torch.bfloat16
-    with pytest.raises(TrainingError, match=r"unet\.w holds values .*float16 cannot hold.*--save_precision fp32 or bf16"):
-        cast_finite(torch.tensor([1.0, 70000.0]), torch.float16, "unet.w")
+def test_save_precision_refuses_a_cast_that_overflows(tmp_path):
+    from gralora_diffusion.train.save import save_final_adapter
+
+    unet = gd.tiny_sdxl_pipeline(seed=0).unet
+    gd.add_gralora(unet, r=4, gralora_k=2)
+    with torch.no_grad():
+        next(p for n, p in unet.named_parameters() if "gralora_B" in n)[0, 0, 0] = 70000.0  # fp16 tops out at 65504
+    assert save_final_adapter(_cfg(tmp_path, save_precision="bf16"), {"unet": unet}, tmp_path).is_file()
+    with pytest.raises(TrainingError, match=r"--save_precision fp16: unet\..*gralora_B: values up to 70000 do not fit float16"):
+        save_final_adapter(_cfg(tmp_path, save_precision="fp16"), {"unet": unet}, tmp_path / "fp16")
+    assert not (tmp_path / "fp16" / WEIGHT_NAME).exists()
 
 
 def test_bad_save_precision_is_refused(tmp_path, no_model_load):

@@ -13,16 +13,20 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="tensor dtype (default: the adapter's)")
     parser.add_argument("--max-size", type=float, default=None, metavar="MB", help="refuse if the file would be larger (MB = 10^6 bytes)")
     parser.add_argument("--layers-per-block", type=int, default=None,
-                        help="the UNet's layers_per_block for kohya names (default: from the base model, else SDXL's 2)")
+                        help="the UNet's layers_per_block for kohya names (SDXL: 2); default: from the base model's config, "
+                             "else from the adapter's names where unambiguous, else the export is refused")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(args) -> int:
     import json
 
+    from ..errors import ExportError
     from ..export import export_lora
+    from ..numbers import finite_number
 
-    max_size = None if args.max_size is None else int(args.max_size * 1e6)
+    # checked here too so the error names the flag in MB; export_lora checks the bytes the same way
+    max_size = None if args.max_size is None else finite_number(args.max_size, "--max-size", ExportError, low=0, low_open=True) * 1e6
     report = export_lora(args.src, args.dst, format=args.format, rank=args.rank, dtype=args.dtype,
                          max_size=max_size, layers_per_block=args.layers_per_block)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)

@@ -12,13 +12,14 @@ import dataclasses
 import difflib
 import importlib.util
 import json
-import math
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
+from ..numbers import finite_number
 from ..adapter_config import AdapterSettings
 from ..sources import check_model_path  # re-exported: part of this module's public names
 
@@ -102,6 +103,11 @@ class TrainConfig:
     save_precision: str = _opt("dtype of the final adapter file (checkpoints stay fp32)", default="fp32", choices=("fp32", "fp16", "bf16"))
     report_to: str | None = _opt("tensorboard | wandb | none (default: tensorboard when the package is installed, else none)")
     logging_dir: str = _opt("TensorBoard log folder, relative to --output_dir", default="logs")
+    # metrics (train --validation_metrics, and compare's evaluation)
+    validation_metrics: bool = _opt("score every validation's samples against the instance images (DINO, CLIP-I, CLIP-T, "
+                                    "plus the base's own scorers) and log them to --report_to", default=False)
+    dino_model: str = _opt("DINO model for the metrics: Hub id or folder; none skips DINO", default=DEFAULT_DINO_MODEL)
+    clip_model: str = _opt("CLIP model for the metrics: Hub id or folder; none skips CLIP-I and CLIP-T", default=DEFAULT_CLIP_MODEL)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -150,6 +156,11 @@ class TrainConfig:
         return None
 
     @property
+    def metric_models(self) -> tuple[str | None, str | None]:
+        """(dino_model, clip_model), `none` as None."""
+        return tuple(None if str(m).lower() == "none" else m for m in (self.dino_model, self.clip_model))
+
+    @property
     def validation_prompts(self) -> list[str]:
         return [p.strip() for p in (self.validation_prompt or "").split("|") if p.strip()]
 
@@ -187,6 +198,8 @@ class TrainConfig:
             raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise TrainConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+        if self.validation_metrics and not self.validation_prompts:
+            raise TrainConfigError("--validation_metrics scores the validation samples: give --validation_prompt too.")
         if self.push_to_hub and self.adapter != "gralora":
             raise TrainConfigError("--push_to_hub uploads GraLoRA adapters; the --adapter lora baseline stays local.")
         if self.push_to_hub or self.hub_model_id:
@@ -252,12 +265,12 @@ class TrainConfig:
                 raise TrainConfigError(f"--{f.name}={value!r}: choose one of {', '.join(choices)}.")
 
     def _check_finite_numbers(self) -> None:
-        """The one finiteness rule for every float setting: argparse's float() and TOML/YAML files all
-        accept nan and inf, which would otherwise reach the model as NaN weights or a NaN loss."""
+        """Every float setting through the package's one number rule (`numbers.finite_number`):
+        argparse's float() and TOML/YAML files all accept nan and inf."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise TrainConfigError(f"--{f.name}={value}: must be a finite number.")
+            if isinstance(value, float):
+                finite_number(value, f"--{f.name}", TrainConfigError)
 
     def _check_hub_repo_id(self) -> None:
         """Before training, not after it: the push is the run's last step."""

@@ -27,7 +27,7 @@ from .checkpoint import check_checkpoint, load_training_state, run_history, save
 from .lock import output_dir_lock
 from .loss import BatchLoss
 from .model import add_adapters, freeze_and_place, load_pipeline, make_optimizer, param_groups
-from .sampling import generate_images, generate_samples, save_samples, step_bar
+from .sampling import generate_images, generate_samples, sample_metrics, sample_scorers, save_samples, step_bar
 from .save import all_finite, complete_checkpoints, resume_hint, save_config, save_final_adapter, share, write_checkpoint
 
 
@@ -66,6 +66,7 @@ class Run:
     group_losses: list = field(default_factory=list)  # this update's micro-batch losses so far
     parts: dict = field(default_factory=dict)  # the last micro-batch's loss terms, for the log
     progress: Any = None
+    scorers: list | None = None  # --validation_metrics (main process)
 
     @property
     def out(self) -> Path:
@@ -220,6 +221,7 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         save_config(cfg, out, run.history)
         tracked = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("gralora-dreambooth", config=tracked)
+        run.scorers = sample_scorers(cfg, device) if cfg.validation_metrics else None
         if cfg.logging_note():
             tqdm.write(cfg.logging_note())
     set_seed(cfg.seed, device_specific=True)  # different noise on each process
@@ -364,6 +366,10 @@ def sample(run: Run, tag: str) -> tuple[Path | None, list[Path]]:
     grid, images = save_samples(rows, run.out / "samples", tag, cfg.validation_prompts,
                                 [cfg.seed + i for i in range(cfg.num_validation_images)])
     run.say(f"step {run.global_step}: wrote samples {grid}")
+    if run.scorers:
+        metrics = sample_metrics(run.scorers, rows, cfg.validation_prompts)
+        run.accelerator.log(metrics, step=run.global_step)
+        run.say(f"step {run.global_step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items()))
     return grid, images
 
 

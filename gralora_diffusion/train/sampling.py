@@ -77,3 +77,18 @@ def save_samples(rows: list[list], folder: Path, tag: str, prompts: list[str] | 
     grid_path = folder / f"{tag}-grid.png"
     grid.save(grid_path)
     return grid_path, paths
+
+
+def sample_scorers(cfg, device) -> list:
+    """--validation_metrics: DreamBooth's scorers (and the base's own) bound to the instance images."""
+    from ..evaluate import instance_scorers
+
+    dino, clip = cfg.metric_models
+    return instance_scorers(cfg.instance_data_dir, cfg.instance_prompt, dino, clip, device, cfg.pretrained_model_name_or_path)
+
+
+def sample_metrics(scorers: list, rows: list[list], prompts: list[str]) -> dict[str, float]:
+    """{"validation/dino": ..., ...} for the [prompt][i] sample images."""
+    from ..evaluate import score_images
+
+    return {f"validation/{name}": value for name, value in score_images(scorers, rows, prompts).items()}

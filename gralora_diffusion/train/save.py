@@ -19,7 +19,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ..constants import CONFIG_NAME, LORA_WEIGHT_NAME, STATE_NAME, WEIGHT_NAME, torch_dtype
-from ..adapter_file import atomic_write, collect_adapter, save_adapter_file
+from ..adapter_file import atomic_write, cast_checked, collect_adapter, save_adapter_file
 from ..errors import TrainingError
 
 
@@ -28,6 +28,10 @@ def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[di
     LoRA: diffusers' format through `save_lora_weights`, so stock `load_lora_weights` reads it.
     Tensors in `--save_precision` (fp32 as trained, or fp16/bf16 as kohya users expect)."""
     dtype = torch_dtype(cfg.save_precision, what="--save_precision")
+
+    def cast(tensor, name):  # refused if a value overflows the dtype (the checkpoints keep fp32)
+        return cast_checked(tensor.detach(), dtype, f"--save_precision {cfg.save_precision}: {name}", TrainingError)
+
     if cfg.adapter == "lora":
         from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -35,25 +39,15 @@ def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[di
         kwargs = {}
         for name, model in components.items():
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-            kwargs[f"{name}_lora_layers"] = {k: cast_finite(v, dtype, k) for k, v in layers.items()}
+            kwargs[f"{name}_lora_layers"] = {k: cast(v, k) for k, v in layers.items()}
             # the LoraConfig (alpha = 2r by default) goes in the header; without it loaders assume alpha = r
             kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
         StableDiffusionXLPipeline.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
         return output_dir / LORA_WEIGHT_NAME
     state_dicts, configs = collect_adapter(components, adapter_name="default")
-    state_dicts = {c: {k: cast_finite(v, dtype, f"{c}.{k}") for k, v in sd.items()} for c, sd in state_dicts.items()}
+    state_dicts = {c: {k: cast(v, f"{c}.{k}") for k, v in sd.items()} for c, sd in state_dicts.items()}
     metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg, history))}
     return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=cfg.pretrained_model_name_or_path, metadata=metadata)
-
-
-def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """`tensor` in `dtype`, refused when the cast made a finite value inf (fp16 holds at most 65504)."""
-    cast = tensor.detach().to(dtype)
-    if dtype != tensor.dtype and not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
-        raise TrainingError(f"--save_precision {dtype}: {name} holds values {dtype} cannot hold (largest "
-                            f"{tensor.abs().max().item():.3g}); save with --save_precision fp32 or bf16. "
-                            "The checkpoints keep the fp32 weights.")
-    return cast
 
 
 def training_summary(cfg, history: list[dict] | None = None) -> dict:

@@ -1,0 +1,31 @@
+HELP = ("Train GraLoRA and LoRA variants on the same data, seeds and steps, score each (DINO, CLIP-I, CLIP-T, "
+        "the base's own scorers) and show them side by side: results.json, a table and a grid. Flags as train, plus --variants.")
+
+
+def add_arguments(parser):
+    from ..compare import DEFAULT_VARIANTS
+    from ..train.config import add_arguments as add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="KIND:KEY=VALUE,...",
+                        help="adapters to compare, e.g. gralora:r=32,k=2 gralora:r=16,k=2,hybrid_r=8 lora:r=32 "
+                             f"(keys r, k, hybrid_r, alpha, dropout, lr, unet_targets; default {' '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--seeds_per_variant", type=int, default=1,
+                        help="training runs per variant, seeds --seed, --seed + 1, ... (default 1; 3 or more for a spread)")
+    parser.add_argument("--eval_prompt", action="append", default=[],
+                        help="evaluation prompt; repeat for several (default: DreamBooth's prompts for the instance prompt's subject)")
+    parser.add_argument("--eval_seeds", default="0,1", help="comma-separated seeds, one evaluation image each per prompt (default 0,1)")
+    parser.add_argument("--eval_guidance", type=float, default=5.0, help="guidance scale of the evaluation images (default 5)")
+
+
+def run(args) -> int:
+    from ..compare import compare
+    from ..evaluate import parse_seeds
+    from ..train import TrainConfig
+
+    result = compare(TrainConfig.from_args(args), args.variants, args.seeds_per_variant, args.eval_prompt or None,
+                     parse_seeds(args.eval_seeds), args.eval_guidance)
+    print(result.table())
+    print(f"Grid (rows: prompts, columns: base, {', '.join(e['name'] for e in result.entries)}): {result.grid_path}")
+    print(f"Results: {result.json_path}")
+    return 0
