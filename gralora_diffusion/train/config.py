@@ -100,6 +100,10 @@ class TrainConfig:
     hub_model_id: str | None = _opt("Hub repository for --push_to_hub (default: the --output_dir folder name)")
     report_to: str = _opt("tensorboard | wandb | none", default="tensorboard")
     logging_dir: str = _opt("TensorBoard log folder, relative to --output_dir", default="logs")
+    torch_compile: bool = _opt("torch.compile the UNet (and the text encoders when trained) with inductor; "
+                               "the first steps pay the compile time", default=False)
+    image_cache_mb: int = _opt("keep decoded, resized training images in memory when they fit in this many MiB "
+                               "(0 = decode every image at every step)", default=2048)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -159,7 +163,7 @@ class TrainConfig:
         for name in ("learning_rate", "text_encoder_lr"):
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"--{name}={getattr(self, name)}: must be > 0.")
-        for name in ("prior_loss_weight", "noise_offset", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers"):
+        for name in ("prior_loss_weight", "noise_offset", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers", "image_cache_mb"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 0.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
