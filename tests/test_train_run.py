@@ -189,4 +189,6 @@ def test_step_benchmark_times_every_variant():
 
     spec = {"mode": "time", "threads": None, "clock": "cpu", "dtype": "fp32", "steps": 1, "rounds": 1, "resolution": 64, "batch": 1}
     times = child(spec)
+    first, failed = times.pop("first"), times.pop("failed")
+    assert not failed and set(first) == set(times) and all(len(t) == 1 and t[0] > 0 for t in first.values())
     assert set(times) == set(VARIANTS) and all(len(t) == 1 and t[0] > 0 for t in times.values())

@@ -108,6 +108,10 @@ class TrainConfig:
                                     "plus the base's own scorers) and log them to --report_to", default=False)
     dino_model: str = _opt("DINO model for the metrics: Hub id or folder; none skips DINO", default=DEFAULT_DINO_MODEL)
     clip_model: str = _opt("CLIP model for the metrics: Hub id or folder; none skips CLIP-I and CLIP-T", default=DEFAULT_CLIP_MODEL)
+    torch_compile: bool = _opt("torch.compile the UNet (and the text encoders when trained) with inductor; "
+                               "the first steps pay the compile time", default=False)
+    image_cache_mb: int = _opt("keep decoded, resized training images in memory when they fit in this many MiB "
+                               "(0 = decode every image at every step)", default=2048)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -189,7 +193,7 @@ class TrainConfig:
         for name in ("learning_rate", "text_encoder_lr"):
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"--{name}={getattr(self, name)}: must be > 0.")
-        for name in ("prior_loss_weight", "noise_offset", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers"):
+        for name in ("prior_loss_weight", "noise_offset", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers", "image_cache_mb"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 0.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:

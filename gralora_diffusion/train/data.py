@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..constants import IMAGE_SUFFIXES
 from ..errors import TrainConfigError, UnreadableImageError
+from .image_cache import ImageCache
 
 logger = logging.getLogger("gralora_diffusion.train")
 
@@ -164,10 +165,12 @@ def _item_rng(seed: int, epoch: int, index: int) -> random.Random:
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index)."""
 
-    def __init__(self, instances, resolution, center_crop=False, random_flip=False, buckets=None, repeats=1, seed=0, classes=None):
+    def __init__(self, instances, resolution, center_crop=False, random_flip=False, buckets=None, repeats=1, seed=0, classes=None,
+                 image_cache_mb=0):
         self.instances, self.classes = list(instances), list(classes or [])
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.buckets, self.repeats, self.seed = buckets, repeats, seed
+        self.cache = ImageCache(image_cache_mb)  # decoded, resized images by (path, target size)
 
     def __len__(self) -> int:
         return len(self.instances) * self.repeats
@@ -190,6 +193,29 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return example
 
     def _example(self, record: ImageRecord, target: tuple[int, int], rng: random.Random) -> dict:
+        resized, original = self.cache.get((record.path, target), lambda: self.decode(record, target))
+        (th, tw), (height, width) = target, resized.shape[:2]
+        if self.center_crop:
+            top, left = (height - th) // 2, (width - tw) // 2
+        else:
+            top, left = rng.randint(0, height - th), rng.randint(0, width - tw)
+        crop = resized[top : top + th, left : left + tw]
+        flip = self.random_flip and rng.random() < 0.5
+        if flip:
+            crop = crop[:, ::-1]
+            left = width - left - tw  # the crop's left edge in the mirrored picture
+        pixels = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        return {
+            "pixel_values": pixels,
+            "prompt": record.caption,
+            "time_ids": torch.tensor([*original, top, left, th, tw], dtype=torch.float32),
+            "key": (str(record.path), top, left, th, tw, flip),
+        }
+
+    @staticmethod
+    def decode(record: ImageRecord, target: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+        """The image as uint8 [height, width, 3], resized (small ones upscaled) to cover `target`,
+        and its (height, width) as decoded: the part of an item that is the same at every step."""
         try:
             image = load_image(record.path)
         except _UNREADABLE as err:
@@ -203,22 +229,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         size = (max(tw, math.ceil(image.width * scale - 1e-6)), max(th, math.ceil(image.height * scale - 1e-6)))
         if size != image.size:
             image = image.resize(size, Image.Resampling.BILINEAR)
-        if self.center_crop:
-            top, left = (image.height - th) // 2, (image.width - tw) // 2
-        else:
-            top, left = rng.randint(0, image.height - th), rng.randint(0, image.width - tw)
-        image = image.crop((left, top, left + tw, top + th))
-        flip = self.random_flip and rng.random() < 0.5
-        if flip:
-            image = ImageOps.mirror(image)
-            left = size[0] - left - tw  # the crop's left edge in the mirrored picture
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-        return {
-            "pixel_values": pixels,
-            "prompt": record.caption,
-            "time_ids": torch.tensor([*original, top, left, th, tw], dtype=torch.float32),
-            "key": (str(record.path), top, left, th, tw, flip),
-        }
+        return np.asarray(image, dtype=np.uint8), original
 
 
 def collate(examples: list[dict]) -> dict:

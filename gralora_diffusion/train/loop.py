@@ -158,6 +158,8 @@ def make_accelerator(cfg: TrainConfig):
         # Accelerate only starts gloo for several CPU processes (torchrun) when told it runs on CPU.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=cfg.mixed_precision,
+        # prepare() then torch.compiles every model it is given: the UNet, and the text encoders when trained
+        dynamo_backend="inductor" if cfg.torch_compile else None,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
     )
@@ -210,7 +212,9 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
     params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in components.items()}
 
     dataset = DreamBoothDataset(instances, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.bucket_list(),
-                                cfg.repeats, cfg.seed, classes)
+                                cfg.repeats, cfg.seed, classes,
+                                # worker processes get a fresh copy of the dataset every epoch: a cache there only costs memory
+                                image_cache_mb=cfg.image_cache_mb if cfg.dataloader_num_workers == 0 else 0)
     batches = EpochBatches(dataset, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
     run = make_run(cfg, accelerator, pipe, components, params, dataset, batches)
     run.batch_loss = BatchLoss(cfg, pipe, run.wrapped["unet"], (run.wrapped.get("text_encoder", pipe.text_encoder),
