@@ -15,6 +15,7 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "training_config.yaml"
 STATE_NAME = "training_state.json"
 CARD_NAME = "README.md"
+GENERATE_OUTPUT_DIR = "generated"  # generate's default folder (never a training set: see generate.check_output_dir)
 
 # Suffixes of files we never unpickle, and of images we read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
