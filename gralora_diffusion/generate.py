@@ -26,7 +26,7 @@ from .errors import GraloraConfigError
 
 TINY = "tiny"
 MARKER = ".gralora-generate"  # in every folder generate writes to: the images beside it are ours
-OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+_scale[-+.0-9a-z]+)\.png")
+OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
 LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
 HEADER_HEIGHT = 24  # column labels (scale) above it
 
@@ -39,6 +39,7 @@ class GenerateResult:
     rows: list[tuple[str, int]] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     adapters: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
+    columns: list[str] = field(default_factory=list)  # grid column labels
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -209,6 +210,18 @@ def _activate(pipe, names, weights, lora: bool, scale: float, fuse: bool) -> dic
     return {}
 
 
+def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple[list, list, float, str, str]]:
+    """(adapter names, weights, scale, grid label, file-name part) per grid column: every adapter
+    together per scale, or side by side each adapter alone per scale."""
+    labels = scale_labels(scales)
+    if not side_by_side or len(names) < 2:
+        return [(names, weights, s, f"scale {label}", f"scale{label}") for s, label in zip(scales, labels)]
+    from .evaluate import adapter_label
+
+    return [([name], [weight], s, f"{adapter_label(path)} {label}", f"a{i}_scale{label}")
+            for i, (name, weight, (path, _)) in enumerate(zip(names, weights, adapters)) for s, label in zip(scales, labels)]
+
+
 def _check_settings(prompts, seeds, scales, steps, height, width) -> None:
     if not prompts:
         raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
@@ -242,11 +255,13 @@ def generate_samples(
     dtype=None,
     pipe=None,
     progress: bool = True,
+    side_by_side: bool = False,
 ) -> GenerateResult:
     """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
     generate every prompt x seed x scale, save each image and `grid.png` into `output_dir` (new, empty
     or written by generate before). `pipe`: an already loaded pipeline (with `patch_pipeline`) instead
-    of `base_model`. `progress`: a loading line and a bar over the images (False: silent)."""
+    of `base_model`. `progress`: a loading line and a bar over the images (False: silent). `side_by_side`:
+    a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline."""
     from .any_adapter import LORA, load_any_adapter
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
 
@@ -263,17 +278,18 @@ def generate_samples(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / MARKER).write_text("Written by gralora-diffusion generate: it writes only into folders holding this file "
                                      "or no images.\n")
-    rows, labels = [(p, s) for p in prompts for s in seeds], scale_labels(scales)
-    paths = [output_dir / f"{r // len(seeds):02d}_{_slug(p)}_seed{s}_scale{c}.png" for r, (p, s) in enumerate(rows) for c in labels]
-    result = GenerateResult(output_dir, output_dir / "grid.png", paths, rows, list(scales), dict(zip(names, weights)))
-    images = [[None] * len(scales) for _ in rows]
+    rows, columns = [(p, s) for p in prompts for s in seeds], _columns(adapters, names, weights, scales, side_by_side)
+    paths = [output_dir / f"{r // len(seeds):02d}_{_slug(p)}_seed{s}_{tag}.png" for r, (p, s) in enumerate(rows) for *_, tag in columns]
+    result = GenerateResult(output_dir, output_dir / "grid.png", paths, rows, list(scales), dict(zip(names, weights)),
+                            [column[3] for column in columns])
+    images = [[None] * len(columns) for _ in rows]
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))  # a caller's pipeline: its bar off inside ours
     pipe.set_progress_bar_config(disable=True)
-    bar = progress_bar(progress, len(rows) * len(scales), "generate")
+    bar = progress_bar(progress, len(rows) * len(columns), "generate")
     try:
-        for c, scale in enumerate(scales):
+        for c, (active, active_weights, scale, *_) in enumerate(columns):
             with quiet_libraries():
-                kwargs = _activate(pipe, names, weights, lora, scale, fuse)
+                kwargs = _activate(pipe, active, active_weights, lora, scale, fuse)
             try:
                 for r, (prompt, seed) in enumerate(rows):
                     with quiet_known_noise():  # an fp16 VAE's upcast talks; a cut prompt still says so
@@ -281,7 +297,7 @@ def generate_samples(
                             prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                             height=height, width=width, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs,
                         ).images[0]
-                    images[r][c].save(result.images[r * len(scales) + c])  # as it comes: a stopped run keeps what it made
+                    images[r][c].save(result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
                     if bar is not None:
                         bar.update(1)
             finally:
@@ -292,5 +308,5 @@ def generate_samples(
         if progress is True and bar is not None:
             bar.close()
     row_labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
-    labelled_grid(images, row_labels, [f"scale {label}" for label in labels]).save(result.grid)
+    labelled_grid(images, row_labels, result.columns).save(result.grid)
     return result

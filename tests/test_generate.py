@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_cli_fuse_with_prompts_file_matches_unfused(adapter, sweep, tmp_path, ca
     out = tmp_path / "fused"
     assert cli_main(["generate", "--base", "tiny", "--adapter", f"{adapter}:0.8", "--prompts-file", str(prompts),
                      "--steps", "2", "--scales", "0,1", "--fuse", "--output-dir", str(out)]) == 0
-    assert f"Grid (rows: prompt x seed, columns: scale 0, 1): {out / 'grid.png'}" in capsys.readouterr().out
+    assert f"Grid (rows: prompt x seed, columns: scale 0, scale 1): {out / 'grid.png'}" in capsys.readouterr().out
     for name in ("00_a-photo-of-sks-teapot_seed0_scale0.png", "00_a-photo-of-sks-teapot_seed0_scale1.png"):
         assert np.abs(pixels(out / name) - pixels(sweep.output_dir / name)).max() <= 2  # fused == unfused up to rounding
 
@@ -181,3 +183,17 @@ def test_generate_writes_again_into_its_own_folder_and_names_are_unique(tmp_path
     for bad, words in (({"scales": [0.5, 0.5]}, "--scales lists 0.5"), ({"seeds": [1, 1]}, "--seeds lists 1")):
         with pytest.raises(gd.GraloraError, match=words):
             generate_samples("tiny", prompts=[PROMPT], steps=1, output_dir=out, progress=False, **bad)
+
+
+def test_side_by_side_gralora_and_its_lora_baseline(adapter, sweep, tmp_path, capsys):
+    """`--side-by-side`: a column per adapter alone; a GraLoRA adapter beside its exact LoRA export shows
+    the same image twice, equal to the GraLoRA column of the plain sweep."""
+    lora = Path(gd.export_lora(adapter, tmp_path / "lora" / "pytorch_lora_weights.safetensors").path)
+    out = tmp_path / "side"
+    assert cli_main(["generate", "--adapter", f"{adapter}:0.8", "--adapter", f"{lora.parent}:0.8", "--prompt", PROMPT,
+                     "--steps", "2", "--side-by-side", "--output-dir", str(out)]) == 0
+    assert "columns: adapter 1, lora 1" in capsys.readouterr().out
+    first, second = out / "00_a-photo-of-sks-teapot_seed0_a0_scale1.png", out / "00_a-photo-of-sks-teapot_seed0_a1_scale1.png"
+    assert np.abs(pixels(first) - pixels(sweep.images[1])).max() <= 2
+    assert np.abs(pixels(second) - pixels(sweep.images[1])).max() <= 2
+    assert Image.open(out / "grid.png").size == (LABEL_WIDTH + 2 * 64, HEADER_HEIGHT + 64)

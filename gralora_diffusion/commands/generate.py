@@ -20,6 +20,9 @@ def add_arguments(parser):
     parser.add_argument("--height", type=int, default=None, help="default: the model's (64 for tiny)")
     parser.add_argument("--width", type=int, default=None, help="default: the model's (64 for tiny)")
     parser.add_argument("--scales", default="1.0", help="comma-separated adapter scales, one grid column each, e.g. 0,0.5,1.0")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="a grid column per adapter (each alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline; "
+                             "default: all adapters together in every column")
     parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights per scale (faster on large runs)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
@@ -30,7 +33,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..errors import GraloraConfigError
-    from ..generate import generate_samples, parse_adapter, parse_scales, read_prompts, scale_labels
+    from ..generate import generate_samples, parse_adapter, parse_scales, read_prompts
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     try:
@@ -41,8 +44,8 @@ def run(args) -> int:
         base_model=args.base, adapters=[parse_adapter(a) for a in args.adapter], prompts=prompts,
         output_dir=args.output_dir, negative_prompt=args.negative_prompt, seeds=seeds or [0], steps=args.steps,
         guidance=args.guidance, height=args.height, width=args.width, scales=parse_scales(args.scales),
-        fuse=args.fuse, device=args.device, dtype=args.dtype,
+        fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side,
     )
     print(f"Wrote {len(result.images)} images to {result.output_dir}/")
-    print(f"Grid (rows: prompt x seed, columns: scale {', '.join(scale_labels(result.scales))}): {result.grid}")
+    print(f"Grid (rows: prompt x seed, columns: {', '.join(result.columns)}): {result.grid}")
     return 0
