@@ -83,6 +83,15 @@ def _target(module: str, kohya: bool) -> str:
     return module.rsplit("_" if kohya else ".", 1)[-1]
 
 
+def _header_json(metadata: dict, key: str) -> dict | None:
+    """A JSON header field as a dict; None when missing or not a JSON object (info only reports it)."""
+    try:
+        value = json.loads(metadata.get(key) or "null")
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def lora_info(path: str | os.PathLike) -> dict:
     """{kind: "lora", format: "diffusers" | "kohya", file, file_size, base_model, dtype, params,
     components: {component: {modules, params, rank, alpha, targets}}, gralora_export} of a plain LoRA
@@ -95,7 +104,7 @@ def lora_info(path: str | os.PathLike) -> dict:
         tensors = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
         alphas = {k: float(f.get_tensor(k)) for k, (shape, _) in tensors.items() if k.endswith(".alpha") and not shape}
     kohya = any(key.startswith("lora_") for key in tensors)
-    header = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+    header = _header_json(metadata, "lora_adapter_metadata") or {}
     components: dict[str, dict] = {}
     for key, (shape, _) in sorted(tensors.items()):
         component, module = _lora_key(key, kohya)
@@ -112,7 +121,7 @@ def lora_info(path: str | os.PathLike) -> dict:
         entry.update(modules=len(entry["modules"]), targets=sorted(entry["targets"]),
                      rank=str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}",
                      alpha=alpha[0] if len(alpha) == 1 else f"{alpha[0]:g}-{alpha[-1]:g}")
-    export = json.loads(metadata["gralora_export"]) if "gralora_export" in metadata else None
+    export = _header_json(metadata, "gralora_export")
     return {
         "kind": "lora", "format": "kohya" if kohya else "diffusers", "file": str(path), "file_size": Path(path).stat().st_size,
         "base_model": (export or {}).get("base_model") or metadata.get("ss_base_model_version"),
