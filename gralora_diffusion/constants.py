@@ -15,6 +15,7 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "training_config.yaml"
 STATE_NAME = "training_state.json"
 CARD_NAME = "README.md"
+GENERATE_OUTPUT_DIR = "generated"  # generate's default folder (never a training set: see generate.check_output_dir)
 
 # DreamBooth's metric models (evaluate, compare, train --validation_metrics).
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO ViT-S/16

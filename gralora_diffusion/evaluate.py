@@ -22,7 +22,8 @@ from PIL import Image
 
 from .constants import IMAGE_SUFFIXES
 from .errors import GraloraConfigError
-from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, quiet_libraries
+from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from .quiet import progress_bar, quiet_libraries
 
 # DreamBooth's object prompts (google/dreambooth, prompts_and_classes.txt), a subset; {} = the subject
 # with its identifier, e.g. "sks teapot". The first is the instance prompt's form.
@@ -201,14 +202,6 @@ def _check_inputs(prompts, seeds, steps, resolution) -> None:
         raise GraloraConfigError(f"--resolution {resolution}: a positive multiple of 8 (the VAE downsamples by 8).")
 
 
-def _progress_bar(progress, total: int):
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc="evaluate", unit="image")
-    return progress or None  # False/None: no bar; anything with .update(n): the caller's bar
-
-
 def evaluate_adapter(
     base_model: str = "tiny",
     adapters: Sequence = (),
@@ -258,7 +251,7 @@ def evaluate_adapter(
     with quiet_libraries():
         pipe = pipe if pipe is not None else load_base_pipeline(base_model, device, dtype)
     columns = ([(BASE_LABEL, None)] if include_base else []) + sources
-    bar = _progress_bar(progress, len(columns) * len(prompts) * len(seeds))
+    bar = progress_bar(progress, len(columns) * len(prompts) * len(seeds), "evaluate")
     variants = []
     try:
         for i, (label, source) in enumerate(columns):

@@ -1,9 +1,14 @@
-"""Generate samples with GraLoRA adapters: prompts x seeds x adapter scales, each image saved and one
-labelled grid (rows: prompt/seed, columns: scale).
+"""Generate samples with GraLoRA (or plain LoRA) adapters: prompts x seeds x adapter scales, each
+image saved and one labelled grid (rows: prompt/seed, columns: scale).
 
 The scale sweep multiplies every loaded adapter's weight: unfused it goes through diffusers' own
 `cross_attention_kwargs={"scale": s}` (UNet and, via `lora_scale`, both text encoders); with `fuse`
-the adapters are fused at scale s for the column and unfused after it.
+the adapters are fused at scale s for the column and unfused after it. GraLoRA adapters alone go
+through the `*_gralora` methods (exact unfuse); with a LoRA among them, through diffusers'
+`set_adapters` / `fuse_lora`, which act on both kinds.
+
+The output folder is marked (`MARKER`) when generate makes it; a folder holding images or captions
+generate did not write (a training set) is refused before anything loads.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .constants import torch_dtype
+from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR, torch_dtype
 from .errors import GraloraConfigError
 
 TINY = "tiny"
+MARKER = ".gralora-generate"  # in every folder generate writes to: the images beside it are ours
+OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
 LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
 HEADER_HEIGHT = 24  # column labels (scale) above it
 
@@ -32,6 +39,7 @@ class GenerateResult:
     rows: list[tuple[str, int]] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     adapters: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
+    columns: list[str] = field(default_factory=list)  # grid column labels
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -55,11 +63,28 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
+def scale_labels(scales) -> list[str]:
+    """Short labels (`:g`, 6 digits) unless two scales would share one; then as many digits as it takes,
+    so every scale gets its own file name (0.5 and 0.5000001 differ)."""
+    for digits in range(6, 18):
+        labels = [f"{s:.{digits}g}" for s in scales]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [repr(float(s)) for s in scales]
+
+
 def read_prompts(path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
     if not Path(path).is_file():
         raise GraloraConfigError(f"--prompts-file {path}: no such file (one prompt per line).")
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise GraloraConfigError(f"--prompts-file {path}, line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
+                                 "save the file as UTF-8.") from None
+    lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise GraloraConfigError(f"{path}: no prompts (one per line; # starts a comment).")
@@ -83,9 +108,31 @@ def check_adapter_paths(paths) -> None:
             raise AdapterFileError(f"{path}: no such adapter file or folder (and not a Hub repo id).")
 
 
-def load_base_pipeline(base_model: str, device=None, dtype=None):
-    """`tiny` (the embedded random-weights SDXL), a Hub id or a local folder; with the GraLoRA methods."""
-    from .loader import patch_pipeline
+def check_output_dir(output_dir) -> None:
+    """Refuse a file, and a folder holding images or captions that generate did not write (a training
+    set, say): generate writes only into new or empty folders, or folders it marked itself."""
+    from .constants import IMAGE_SUFFIXES
+
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise GraloraConfigError(f"output_dir {output_dir}: is a file, not a folder; give a folder path (created if missing).")
+    if not path.is_dir():
+        return
+    ours = (path / MARKER).is_file()
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    images = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    foreign = [p.name for p in files if (p.suffix.lower() in IMAGE_SUFFIXES and not (ours and OUR_IMAGE.fullmatch(p.name)))
+               or p.name == "metadata.jsonl" or (p.suffix == ".txt" and p.stem in images)]
+    if foreign:
+        raise GraloraConfigError(
+            f"output_dir {output_dir}: holds {len(foreign)} image or caption file(s) generate did not write "
+            f"(e.g. {foreign[0]}), such as a training set; give a new or empty folder (default: {DEFAULT_OUTPUT_DIR}/).")
+
+
+def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
+    """`tiny` (the embedded random-weights SDXL), a Hub id or a local folder; with the GraLoRA methods.
+    `say` (None: silent) gets one line when loading starts; the libraries' bars and notes stay quiet."""
+    from .quiet import load_pretrained, quiet_libraries
     from .threads import announce
 
     device, dtype = default_device_dtype(device, dtype)
@@ -93,18 +140,23 @@ def load_base_pipeline(base_model: str, device=None, dtype=None):
         from .sources import check_model_path
 
         check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
-    announce()
-    if base_model == TINY:
-        from .tiny import tiny_sdxl_pipeline
-
-        pipe = tiny_sdxl_pipeline(seed=0)
-    else:
+    if say:
+        announce(say)
+        say(f"Loading base model {base_model} ...")
+    with quiet_libraries():  # importing diffusers' pipelines makes transformers talk about torchvision
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=dtype)
-    pipe.to(device)
-    if pipe.dtype != dtype:  # only the tiny model gets here (from_pretrained loaded the dtype)
-        pipe.to(dtype=dtype)
+        from .loader import patch_pipeline
+        from .tiny import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=0) if base_model == TINY else None
+    if pipe is None:
+        pipe = load_pretrained(StableDiffusionXLPipeline, str(base_model), "--base", torch_dtype=dtype,
+                               folder_hint="a folder written by save_pretrained (e.g. `gralora-diffusion make-tiny DIR`)")
+    with quiet_libraries():  # a cast says which modules "should be kept in float32", even when none
+        pipe.to(device)
+        if pipe.dtype != dtype:  # only the tiny model gets here (from_pretrained loaded the dtype)
+            pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return patch_pipeline(pipe)
 
@@ -141,11 +193,56 @@ def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], column
     return grid
 
 
+def _activate(pipe, names, weights, lora: bool, scale: float, fuse: bool) -> dict:
+    """Set the adapters' weights for one column and fuse at `scale`, or return the per-call scale."""
+    if not names:
+        return {}
+    if lora:  # diffusers' own calls act on GraLoRA and LoRA layers alike
+        pipe.set_adapters(names, weights)  # again per column: diffusers resets weights after scale 0
+    else:
+        pipe.set_gralora_adapters(names, weights)
+    if not fuse:
+        return {"cross_attention_kwargs": {"scale": scale}}
+    if lora:
+        pipe.fuse_lora(lora_scale=scale, adapter_names=names)
+    else:
+        pipe.fuse_gralora(gralora_scale=scale, adapter_names=names)
+    return {}
+
+
+def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple[list, list, float, str, str]]:
+    """(adapter names, weights, scale, grid label, file-name part) per grid column: every adapter
+    together per scale, or side by side each adapter alone per scale."""
+    labels = scale_labels(scales)
+    if not side_by_side or len(names) < 2:
+        return [(names, weights, s, f"scale {label}", f"scale{label}") for s, label in zip(scales, labels)]
+    from .evaluate import adapter_label
+
+    return [([name], [weight], s, f"{adapter_label(path)} {label}", f"a{i}_scale{label}")
+            for i, (name, weight, (path, _)) in enumerate(zip(names, weights, adapters)) for s, label in zip(scales, labels)]
+
+
+def _check_settings(prompts, seeds, scales, steps, height, width) -> None:
+    if not prompts:
+        raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
+    if not seeds or not scales:
+        raise GraloraConfigError("Give at least one seed and one scale.")
+    for name, values in (("--seeds", seeds), ("--scales", scales)):
+        repeated = sorted({v for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise GraloraConfigError(f"{name} lists {repeated[0]:g} more than once; each value gives its own images, list it once.")
+    if steps < 1:
+        raise GraloraConfigError(f"steps={steps}: at least 1.")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value < 8 or value % 8):
+            raise GraloraConfigError(f"{name}={value}: must be a positive multiple of 8 (the VAE downsamples by 8).")
+
+
 def generate_samples(
     base_model: str = TINY,
     adapters: list[tuple[str, float]] = (),
     prompts: list[str] = ("a photo of sks teapot",),
-    output_dir="samples",
+    output_dir=DEFAULT_OUTPUT_DIR,
     negative_prompt: str | None = None,
     seeds: list[int] = (0,),
     steps: int = 30,
@@ -157,56 +254,59 @@ def generate_samples(
     device=None,
     dtype=None,
     pipe=None,
+    progress: bool = True,
+    side_by_side: bool = False,
 ) -> GenerateResult:
-    """Load the base model and adapters (`(path or repo id, weight)`), generate every prompt x seed x
-    scale, save each image and `grid.png` into `output_dir`. `pipe`: an already loaded pipeline
-    (with `patch_pipeline`) instead of `base_model`."""
-    if not prompts:
-        raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
-    if not seeds or not scales:
-        raise GraloraConfigError("Give at least one seed and one scale.")
-    if steps < 1:
-        raise GraloraConfigError(f"steps={steps}: at least 1.")
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and (value < 8 or value % 8):
-            raise GraloraConfigError(f"{name}={value}: must be a positive multiple of 8 (the VAE downsamples by 8).")
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise GraloraConfigError(f"output_dir {output_dir}: is a file, not a folder; give a folder path (created if missing).")
+    """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
+    generate every prompt x seed x scale, save each image and `grid.png` into `output_dir` (new, empty
+    or written by generate before). `pipe`: an already loaded pipeline (with `patch_pipeline`) instead
+    of `base_model`. `progress`: a loading line and a bar over the images (False: silent). `side_by_side`:
+    a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline."""
+    from .any_adapter import LORA, load_any_adapter
+    from .quiet import progress_bar, quiet_known_noise, quiet_libraries
+
+    _check_settings(prompts, seeds, scales, steps, height, width)
+    check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
     if pipe is None:
-        pipe = load_base_pipeline(base_model, device, dtype)
-    names = [pipe.load_gralora_weights(path, adapter_name=f"adapter_{i}") for i, (path, _) in enumerate(adapters)]
-    weights = [float(w) for _, w in adapters]
+        pipe = load_base_pipeline(base_model, device, dtype, say=print if progress else None)
+    names = [f"adapter_{i}" for i in range(len(adapters))]
+    with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
+        kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
+    lora, weights = LORA in kinds, [float(w) for _, w in adapters]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows = [(p, s) for p in prompts for s in seeds]
-    paths = [output_dir / f"{r // len(seeds):02d}_{_slug(p)}_seed{s}_scale{c:g}.png" for r, (p, s) in enumerate(rows) for c in scales]
-    result = GenerateResult(output_dir, output_dir / "grid.png", paths, rows, list(scales), dict(zip(names, weights)))
-    images = [[None] * len(scales) for _ in rows]
-    for c, scale in enumerate(scales):
-        kwargs = {}
-        if names:
-            pipe.set_gralora_adapters(names, weights)  # again per column: diffusers resets weights after scale 0
-            if fuse:
-                pipe.fuse_gralora(gralora_scale=scale, adapter_names=names)
-            else:
-                kwargs["cross_attention_kwargs"] = {"scale": scale}
-        try:
-            for r, (prompt, seed) in enumerate(rows):
-                images[r][c] = pipe(
-                    prompt,
-                    negative_prompt=negative_prompt,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    height=height,
-                    width=width,
-                    generator=torch.Generator(device="cpu").manual_seed(seed),
-                    **kwargs,
-                ).images[0]
-                images[r][c].save(result.images[r * len(scales) + c])  # as it comes: a stopped run keeps what it made
-        finally:
-            if names and fuse:
-                pipe.unfuse_gralora()
-    labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
-    labelled_grid(images, labels, [f"scale {s:g}" for s in scales]).save(result.grid)
+    (output_dir / MARKER).write_text("Written by gralora-diffusion generate: it writes only into folders holding this file "
+                                     "or no images.\n")
+    rows, columns = [(p, s) for p in prompts for s in seeds], _columns(adapters, names, weights, scales, side_by_side)
+    paths = [output_dir / f"{r // len(seeds):02d}_{_slug(p)}_seed{s}_{tag}.png" for r, (p, s) in enumerate(rows) for *_, tag in columns]
+    result = GenerateResult(output_dir, output_dir / "grid.png", paths, rows, list(scales), dict(zip(names, weights)),
+                            [column[3] for column in columns])
+    images = [[None] * len(columns) for _ in rows]
+    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))  # a caller's pipeline: its bar off inside ours
+    pipe.set_progress_bar_config(disable=True)
+    bar = progress_bar(progress, len(rows) * len(columns), "generate")
+    try:
+        for c, (active, active_weights, scale, *_) in enumerate(columns):
+            with quiet_libraries():
+                kwargs = _activate(pipe, active, active_weights, lora, scale, fuse)
+            try:
+                for r, (prompt, seed) in enumerate(rows):
+                    with quiet_known_noise():  # an fp16 VAE's upcast talks; a cut prompt still says so
+                        images[r][c] = pipe(
+                            prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                            height=height, width=width, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs,
+                        ).images[0]
+                    images[r][c].save(result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
+                    if bar is not None:
+                        bar.update(1)
+            finally:
+                if names and fuse:
+                    pipe.unfuse_lora() if lora else pipe.unfuse_gralora()
+    finally:
+        pipe.set_progress_bar_config(**saved_bar)
+        if progress is True and bar is not None:
+            bar.close()
+    row_labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
+    labelled_grid(images, row_labels, result.columns).save(result.grid)
     return result

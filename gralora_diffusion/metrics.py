@@ -14,10 +14,8 @@ images when it is built, so the tiny world's evaluator plugs in the same way (`E
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import re
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -26,59 +24,11 @@ from PIL import Image
 
 from .constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL  # noqa: F401  (re-exported: this module's public names)
 from .errors import GraloraConfigError
+from .quiet import load_pretrained, quiet_libraries  # noqa: F401  (quiet_libraries: re-exported, older imports)
+
 BATCH_SIZE = 16
 
 Scorer = Callable[[Sequence[Image.Image], Sequence[str]], dict]
-
-
-@contextlib.contextmanager
-def quiet_libraries():
-    """Only our own progress bar and errors: no loading/shard bars or load reports from the libraries."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    saved = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled(),
-             diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
-    transformers_logging.set_verbosity_error(), transformers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error(), diffusers_logging.disable_progress_bar(), disable_progress_bars()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(saved[0])
-        diffusers_logging.set_verbosity(saved[2])
-        for enabled, module in ((saved[1], transformers_logging), (saved[3], diffusers_logging)):
-            module.enable_progress_bar() if enabled else module.disable_progress_bar()
-        if not saved[4]:
-            enable_progress_bars()
-
-
-def load_pretrained(loader, name: str, flag: str, **kwargs):
-    """`loader.from_pretrained(name)`, any failure one line naming `flag`: a Hub id that is not
-    cached (offline or no network) says how to get it, a folder says what is wrong with it."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    folder = Path(str(name)).expanduser()
-    if not folder.exists():
-        try:
-            validate_repo_id(str(name))
-        except HFValidationError:
-            raise GraloraConfigError(f"{flag} {name}: no such folder, and not a Hub repo id (org/name).") from None
-    try:
-        with quiet_libraries():
-            return loader.from_pretrained(str(folder) if folder.exists() else name, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if folder.exists():
-            raise GraloraConfigError(f"{flag} {name}: cannot load a model from this folder ({first}); "
-                                     "give a transformers save_pretrained folder or a Hub id.") from None
-        offline = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "no network or no such repo"
-        raise GraloraConfigError(
-            f"{flag} {name}: not in the local Hugging Face cache and not downloadable here ({offline}). "
-            f"Run `hf download {name}` once with network access, or pass a local folder "
-            f"(model.save_pretrained + processor.save_pretrained). [{type(err).__name__}: {first}]"
-        ) from None
 
 
 def _pooled(output) -> torch.Tensor:

@@ -57,7 +57,7 @@ def _tiny_clip(seed: int):
 
 
 def _save(folder, build) -> Path:
-    from .metrics import quiet_libraries
+    from .quiet import quiet_libraries
 
     # quiet: transformers warns that image processors fall back to PIL without torchvision, and shows shard bars
     with quiet_libraries():

@@ -1,8 +1,8 @@
-"""Generate samples with GraLoRA adapters: a thin shell over `gralora_diffusion.generate`.
+"""Generate samples with GraLoRA (or LoRA) adapters: a thin shell over `gralora_diffusion.generate`.
 
     python scripts/generate_samples.py --base stabilityai/stable-diffusion-xl-base-1.0 \
         --adapter output/pytorch_gralora_weights.safetensors --prompt "a photo of sks teapot" \
-        --seeds 0,1 --scales 0,0.5,1.0 --output-dir samples
+        --seeds 0,1 --scales 0,0.5,1.0 --output-dir generated
 
 Same flags and errors as `gralora-diffusion generate` (`--help` lists them).
 """

@@ -100,3 +100,47 @@ def test_info_into_a_closed_pipe_ends_quietly(tmp_path):
     reader.wait()
     assert "Traceback" not in writer.stderr and "BrokenPipe" not in writer.stderr, writer.stderr
     assert writer.returncode == 0
+
+
+def test_every_flag_of_every_command_has_help_text():
+    import argparse
+
+    from gralora_diffusion.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"generate", "info", "export-lora", "train", "quickstart"} <= set(commands)
+    missing = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.items() for action in sub._actions
+               if action.help is None or not str(action.help).strip()]
+    assert not missing, missing
+
+
+# What the libraries print on their own and a user should never see (issue 13).
+LIBRARY_NOISE = ("torch_dtype", "should be kept in float32", "torchvision", "Loading pipeline components", "Loading weights",
+                 "Writing model shards", "upcast_vae", "peft_config", "Warning", "Traceback")
+
+
+@pytest.mark.slow
+def test_generate_and_info_show_no_library_noise(tmp_path, tiny_dir):
+    """A real console run, base model from a folder in fp16 (the cast and deprecation paths), a GraLoRA
+    adapter beside its LoRA export, then `info` on the LoRA: stderr holds our bar and nothing of the libraries'."""
+    import os
+
+    import gralora_diffusion as gd
+    from conftest import SUBPROCESS_ENV
+
+    pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
+    gd.add_gralora(pipe, r=4, gralora_k=2, text_encoder_targets="attn")
+    adapter = pipe.save_gralora_weights(tmp_path / "gralora")
+    gd.export_lora(adapter, tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "TRANSFORMERS_VERBOSITY"}  # as a user's shell has it
+    runs = [["generate", "--base", str(tiny_dir), "--dtype", "fp16", "--adapter", str(tmp_path / "gralora"),
+             "--adapter", f"{tmp_path / 'lora'}:0.5", "--prompt", "a teapot", "--steps", "1", "--output-dir", str(tmp_path / "out")],
+            ["info", str(tmp_path / "lora")]]
+    for argv in runs:
+        result = subprocess.run([sys.executable, "-m", "gralora_diffusion.cli", *argv], capture_output=True, text=True,
+                                timeout=300, env=env, cwd=os.fspath(tmp_path))
+        assert result.returncode == 0, result.stderr
+        noise = [word for word in LIBRARY_NOISE if word in result.stderr or word in result.stdout]
+        assert not noise, (argv[0], noise, result.stderr)
+    assert (tmp_path / "out" / "grid.png").is_file()

@@ -21,6 +21,7 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli-errors")
     (root / "a_file.txt").write_text("not a folder, not an adapter")
+    (root / "latin1_prompts.txt").write_bytes("a photo of sks teapot\n# comment\na caf\xe9 teapot\n".encode("latin-1"))
     (root / "images").mkdir()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(root / "images" / "a.png")
     pipe = gd.patch_pipeline(gd.tiny_sdxl_pipeline(seed=0))
@@ -93,6 +94,14 @@ CASES = [
      ["output_dir", "is a file"]),
     ("generate-missing-prompts-file", lambda f: ["generate", "--prompts-file", "/no/such/prompts.txt"], ["--prompts-file", "no such file"]),
     ("generate-no-prompt", lambda f: ["generate"], ["No prompts"]),
+    ("generate-prompts-file-not-utf8", lambda f: ["generate", "--prompts-file", str(f / "latin1_prompts.txt")],
+     ["--prompts-file", "latin1_prompts.txt, line 3", "UTF-8"]),
+    ("generate-repeated-scales", lambda f: ["generate", "--prompt", PROMPT, "--scales", "0.5,1,0.5"], ["--scales lists 0.5"]),
+    ("generate-repeated-seeds", lambda f: ["generate", "--prompt", PROMPT, "--seeds", "3,3"], ["--seeds lists 3"]),
+    ("generate-into-a-training-set", lambda f: ["generate", "--prompt", PROMPT, "--output-dir", str(f / "images")],
+     ["images: holds 1 image", "a.png", "generate did not write", "new or empty folder"]),
+    ("generate-base-not-cached-offline", lambda f: ["generate", "--base", "someone/not-cached-anywhere", "--prompt", PROMPT],
+     ["--base someone/not-cached-anywhere", "not in the local Hugging Face cache", "hf download someone/not-cached-anywhere"]),
     ("export-missing-adapter", lambda f: ["export-lora", "/no/such/adapter.safetensors", str(f / "x.safetensors")],
      ["/no/such/adapter.safetensors", "no such file"]),
     ("export-rank-0", lambda f: ["export-lora", str(f / "adapter"), str(f / "x.safetensors"), "--rank", "0"], ["rank=0", ">= 1"]),

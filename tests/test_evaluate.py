@@ -135,7 +135,7 @@ def test_cli_evaluate(files, tmp_path, capsys):
                    "--clip_model", "none", "--output_dir", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert rc == 0
-    table = [line for line in out.splitlines() if not line.startswith("CPU threads:")]
+    table = [line for line in out.splitlines() if not line.startswith(("CPU threads:", "Loading base model"))]
     assert table[0].split() == ["variant", "kind", "dino"] and "mine" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert [v["name"] for v in data["variants"]] == ["base", "mine"] and data["clip_model"] is None

@@ -59,3 +59,50 @@ def test_info_text_on_folder(known, capsys):
 def test_info_on_missing_file(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "nope.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_info_on_a_plain_lora_file(known, format, capsys, tmp_path):
+    """`info` reads a LoRA file (our exports here, both key styles): format, rank and alpha per
+    component, modules, parameters and dtype, counted independently from the tensors."""
+    from safetensors.torch import load_file
+
+    path, summary = known
+    lora = export_lora(path, tmp_path / "lora.safetensors", format=format).path
+    assert cli_main(["info", str(lora), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["format"], info["dtype"]) == ("lora", format, "float16")
+    tensors = load_file(lora)
+    assert info["params"] == sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha"))
+    expected_rank = {"unet": 36, "text_encoder": 8, "text_encoder_2": 8}  # k*r + hybrid_r
+    assert list(info["components"]) == ["unet", "text_encoder", "text_encoder_2"]
+    for component, entry in info["components"].items():
+        assert entry["rank"] == str(expected_rank[component]) and entry["alpha"] == expected_rank[component]
+        assert entry["modules"] == summary[component]["u"]["modules"]
+    assert info["components"]["unet"]["targets"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert info["gralora_export"]["exact"] is True
+    assert cli_main(["info", str(lora)]) == 0
+    out = capsys.readouterr().out
+    assert f"plain LoRA, {format} keys (exported from a GraLoRA adapter)" in out
+    unet_row = next(line.split() for line in out.splitlines() if line.startswith("unet "))
+    assert unet_row[1] == "56" and unet_row[3:5] == ["36", "36"]
+
+
+def test_info_on_a_diffusers_saved_lora_folder(tmp_path, capsys):
+    """The trainer's `--adapter lora` output: diffusers' save_lora_weights with PEFT's config in the header."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = gd.tiny_sdxl_pipeline(seed=0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v"]))
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, safe_serialization=True, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    assert cli_main(["info", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    unet = info["components"]["unet"]
+    assert (info["kind"], info["format"], info["dtype"]) == ("lora", "diffusers", "float32")
+    assert (unet["modules"], unet["rank"], unet["alpha"], unet["targets"]) == (7 * 2 * 2, "4", 6, ["to_q", "to_v"])
+    assert unet["params"] == sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)

@@ -10,7 +10,7 @@ def add_arguments(parser):
     parser.add_argument("--output_dir", type=Path, default=Path("quickstart_output"), help="where everything goes (default quickstart_output)")
     parser.add_argument("--instance_data_dir", type=Path, default=SAMPLES, help="images to train on (default: the repository's samples/)")
     parser.add_argument("--max_train_steps", type=int, default=40, help="updates (default 40)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for the tiny model, the training and the samples (default 0)")
 
 
 def run(args) -> int:
