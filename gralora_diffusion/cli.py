@@ -9,6 +9,7 @@ import importlib
 import os
 import sys
 
+from . import threads
 from .errors import GraloraError
 
 # command name -> module under gralora_diffusion.commands
@@ -56,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name in COMPUTE_COMMANDS:
-            command_parser.add_argument("--num_threads", type=int, default=None,
-                                        help="CPU threads for torch (default: OMP_NUM_THREADS, else half the cores, at most 4)")
+            threads.add_argument(command_parser)
         module.add_arguments(command_parser)
         command_parser.set_defaults(_run=module.run)
     return parser
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in COMPUTE_COMMANDS:
-            from .threads import set_num_threads
-
-            set_num_threads(args.num_threads)  # said by threads.announce() when models start to load
+            threads.set_num_threads(args.num_threads)  # said by threads.announce() when models start to load
         return args._run(args) or 0
     except BrokenPipeError:  # `gralora-diffusion info ... | head`: the reader left; not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
