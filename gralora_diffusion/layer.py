@@ -100,6 +100,21 @@ class _BlockUpdate(torch.autograd.Function):
         return grad, grad_x, grad_A, grad_B, grad_A_g, grad_B_g, None, None
 
 
+def _block_update_out_of_place(result, x, A, B, A_g, B_g, scaling, dtype):
+    """`_BlockUpdate`'s result with plain autograd ops and no in-place write, for torch.compile:
+    AOTAutograd cannot functionalize an in-place add into a transposed view of a dirtied input,
+    and inductor fuses the add itself."""
+    k, i, r = A.shape
+    o, M, t = B.shape[2], x.shape[0], r // k
+    x = x.to(dtype)
+    h = torch.bmm(x.view(M, k, i).transpose(0, 1), A.to(dtype))  # [k (n), M, r]
+    g = h.view(k, M, k, t).transpose(0, 2).reshape(k, M, r)  # [k (j), M, n·t]
+    update = torch.bmm(g, B.to(dtype)).transpose(0, 1).reshape(M, k * o)
+    if A_g is not None:
+        update = update + (x @ A_g.to(dtype).t()) @ B_g.to(dtype).t()
+    return result + (scaling * update).to(result.dtype)
+
+
 class GraloraLinear(PeftGraloraLinear):
     def base_scaling(self, adapter: str) -> float:
         """alpha / (r + hybrid_r): the scaling at strength 1."""
@@ -152,6 +167,7 @@ class GraloraLinear(PeftGraloraLinear):
         if autocast:
             previous_dtype = result.dtype
         rows = result.numel() // self.out_features
+        block_update = _block_update_out_of_place if torch.compiler.is_compiling() else _BlockUpdate.apply
         for adapter in self.active_adapters:
             if adapter not in self.gralora_A:
                 continue
@@ -165,15 +181,15 @@ class GraloraLinear(PeftGraloraLinear):
                 xd = dropout(x.to(A.dtype)).reshape(rows, self.in_features)
                 xh = dropout(x.to(A.dtype)).reshape(rows, self.in_features) if self.hybrid_r[adapter] else xd
             if self.hybrid_r[adapter] > 0 and xh is not xd:
-                result = _BlockUpdate.apply(result, xd, A, self.gralora_B[adapter], None, None,
+                result = block_update(result, xd, A, self.gralora_B[adapter], None, None,
                                             self.scaling[adapter], dtype)
                 # Hybrid on its own dropout mask: the k = 1 case, on the weights of PEFT's two Linears.
                 A_g = self.gralora_A_general[adapter].weight.t().unsqueeze(0)  # [1, in, hybrid_r]
                 B_g = self.gralora_B_general[adapter].weight.t().unsqueeze(0)  # [1, hybrid_r, out]
-                result = _BlockUpdate.apply(result, xh, A_g, B_g, None, None, self.scaling[adapter], dtype)
+                result = block_update(result, xh, A_g, B_g, None, None, self.scaling[adapter], dtype)
                 continue
             A_g = B_g = None
             if self.hybrid_r[adapter] > 0:
                 A_g, B_g = self.gralora_A_general[adapter].weight, self.gralora_B_general[adapter].weight
-            result = _BlockUpdate.apply(result, xd, A, self.gralora_B[adapter], A_g, B_g, self.scaling[adapter], dtype)
+            result = block_update(result, xd, A, self.gralora_B[adapter], A_g, B_g, self.scaling[adapter], dtype)
         return result.view(shape).to(previous_dtype)
