@@ -125,7 +125,8 @@ def lora_info(path: str | os.PathLike) -> dict:
     return {
         "kind": "lora", "format": "kohya" if kohya else "diffusers", "file": str(path), "file_size": Path(path).stat().st_size,
         "base_model": (export or {}).get("base_model") or metadata.get("ss_base_model_version"),
-        "dtype": ", ".join(sorted({SAFETENSORS_DTYPES.get(d, d) for _, d in tensors.values()})),
+        # the weights' dtype; kohya's scalar alpha tensors are fp32 whatever the weights are
+        "dtype": ", ".join(sorted({SAFETENSORS_DTYPES.get(d, d) for k, (_, d) in tensors.items() if not k.endswith(".alpha")})),
         "params": sum(c["params"] for c in components.values()), "components": components, "gralora_export": export,
     }
 
