@@ -225,9 +225,13 @@ def _base_unet_config(base: str):
     from .tiny import TINY_MODEL_ID
 
     if base in (TINY_MODEL_ID, "tiny"):
-        from .tiny import _unet
+        from .tiny import build_unet
 
-        return _unet().config
+        return build_unet().config
+    if base == "world":
+        from .world.model import world_unet
+
+        return world_unet().config
     path = Path(base) / "unet" / "config.json"
     if not path.is_file():
         try:

@@ -20,6 +20,7 @@ from .constants import torch_dtype
 from .errors import GraloraConfigError
 
 TINY = "tiny"
+WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
 LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
 HEADER_HEIGHT = 24  # column labels (scale) above it
 
@@ -84,11 +85,12 @@ def check_adapter_paths(paths) -> None:
 
 
 def load_base_pipeline(base_model: str, device=None, dtype=None):
-    """`tiny` (the embedded random-weights SDXL), a Hub id or a local folder; with the GraLoRA methods."""
+    """`tiny` (the embedded random-weights SDXL), `world` (the embedded pretrained one), a Hub id or a local
+    folder; with the GraLoRA methods."""
     from .loader import patch_pipeline
 
     device, dtype = default_device_dtype(device, dtype)
-    if base_model != TINY:
+    if base_model not in (TINY, WORLD):
         from .train.config import check_model_path
 
         check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
@@ -96,12 +98,16 @@ def load_base_pipeline(base_model: str, device=None, dtype=None):
         from .tiny import tiny_sdxl_pipeline
 
         pipe = tiny_sdxl_pipeline(seed=0)
+    elif base_model == WORLD:
+        from .world.model import tiny_world_pipeline
+
+        pipe = tiny_world_pipeline()
     else:
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=dtype)
     pipe.to(device)
-    if pipe.dtype != dtype:  # only the tiny model gets here (from_pretrained loaded the dtype)
+    if pipe.dtype != dtype:  # only the tiny and world models get here (from_pretrained loaded the dtype)
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return patch_pipeline(pipe)

@@ -4,7 +4,7 @@ HELP = "Generate images with GraLoRA adapters: prompts x seeds x a scale sweep, 
 
 
 def add_arguments(parser):
-    parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, or `tiny` (embedded, offline; default)")
+    parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, `tiny` (embedded, offline, random; default) or `world` (embedded, pretrained on the drawn world)")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="adapter file, folder or Hub id, optional :weight (default 1); repeat for several")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
@@ -13,8 +13,8 @@ def add_arguments(parser):
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--height", type=int, default=None, help="default: the model's (64 for tiny)")
-    parser.add_argument("--width", type=int, default=None, help="default: the model's (64 for tiny)")
+    parser.add_argument("--height", type=int, default=None, help="default: the model's (64 for tiny and world)")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's (64 for tiny and world)")
     parser.add_argument("--scales", default="1.0", help="comma-separated adapter scales, one grid column each, e.g. 0,0.5,1.0")
     parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights per scale (faster on large runs)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
