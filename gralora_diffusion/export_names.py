@@ -135,6 +135,10 @@ def _base_unet_config(base: str):
 
     if base in (TINY_MODEL_ID, "tiny"):
         return UNET_CONFIG
+    if base == "world":
+        from .world.model import world_unet
+
+        return world_unet().config
     path = Path(base) / "unet" / "config.json"
     try:  # the header's base_model is any string: a name too long for the OS is no folder
         is_file = path.is_file()

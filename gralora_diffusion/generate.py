@@ -27,6 +27,7 @@ from .errors import GraloraConfigError
 TINY = "tiny"
 MARKER = ".gralora-generate"  # in every folder generate writes to: the images beside it are ours
 OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
+WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
 LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
 HEADER_HEIGHT = 24  # column labels (scale) above it
 
@@ -130,13 +131,14 @@ def check_output_dir(output_dir) -> None:
 
 
 def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
-    """`tiny` (the embedded random-weights SDXL), a Hub id or a local folder; with the GraLoRA methods.
+    """`tiny` (the embedded random-weights SDXL), `world` (the embedded one pretrained on the drawn
+    world), a Hub id or a local folder; with the GraLoRA methods.
     `say` (None: silent) gets one line when loading starts; the libraries' bars and notes stay quiet."""
     from .quiet import load_pretrained, quiet_libraries
     from .threads import announce
 
     device, dtype = default_device_dtype(device, dtype)
-    if base_model != TINY:
+    if base_model not in (TINY, WORLD):
         from .sources import check_model_path
 
         check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
@@ -148,14 +150,15 @@ def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
 
         from .loader import patch_pipeline
         from .tiny import tiny_sdxl_pipeline
+        from .world.model import tiny_world_pipeline
 
-        pipe = tiny_sdxl_pipeline(seed=0) if base_model == TINY else None
+        pipe = tiny_sdxl_pipeline(seed=0) if base_model == TINY else tiny_world_pipeline() if base_model == WORLD else None
     if pipe is None:
         pipe = load_pretrained(StableDiffusionXLPipeline, str(base_model), "--base", torch_dtype=dtype,
                                folder_hint="a folder written by save_pretrained (e.g. `gralora-diffusion make-tiny DIR`)")
     with quiet_libraries():  # a cast says which modules "should be kept in float32", even when none
         pipe.to(device)
-        if pipe.dtype != dtype:  # only the tiny model gets here (from_pretrained loaded the dtype)
+        if pipe.dtype != dtype:  # only the embedded models get here (from_pretrained loaded the dtype)
             pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return patch_pipeline(pipe)

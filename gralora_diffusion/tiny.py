@@ -35,14 +35,15 @@ def _write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def _tokenizer() -> CLIPTokenizer:
+def build_tokenizer() -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = _write_tokenizer_files(Path(tmp))
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=MAX_LENGTH)
 
 
-def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    return CLIPTextConfig(
+def build_text_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPTextConfig:
+    """The tiny text encoders' config; `overrides` replace any of its fields (the world model's are wider)."""
+    return CLIPTextConfig(**{**dict(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
@@ -54,7 +55,7 @@ def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )
+    ), **overrides})
 
 
 # The tiny UNet's config (export reads layers_per_block from it without building the model).
@@ -77,13 +78,14 @@ UNET_CONFIG = dict(
 )
 
 
-def _unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(**UNET_CONFIG)
+def build_unet(**overrides) -> UNet2DConditionModel:
+    """The tiny UNet; `overrides` replace any of its config fields."""
+    return UNet2DConditionModel(**{**UNET_CONFIG, **overrides})
 
 
-def _vae() -> AutoencoderKL:
+def build_vae(**overrides) -> AutoencoderKL:
     # Four levels: the same 8x downsampling as SDXL's VAE, so 64 px images give 8x8 latents.
-    return AutoencoderKL(
+    return AutoencoderKL(**{**dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -94,10 +96,10 @@ def _vae() -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=0.13025,  # SDXL's
-    )
+    ), **overrides})
 
 
-def _scheduler() -> EulerDiscreteScheduler:
+def build_scheduler() -> EulerDiscreteScheduler:
     # SDXL base's scheduler settings.
     return EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -112,15 +114,15 @@ def _scheduler() -> EulerDiscreteScheduler:
 
 def tiny_sdxl_pipeline(seed: int = 0, device=None, dtype=None) -> StableDiffusionXLPipeline:
     """Build a real `StableDiffusionXLPipeline` with random weights, offline and deterministic for `seed`."""
-    tokenizer = _tokenizer()
-    tokenizer_2 = _tokenizer()
+    tokenizer = build_tokenizer()
+    tokenizer_2 = build_tokenizer()
     # fork_rng: building the model must not move the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _unet()
-        vae = _vae()
-        text_encoder = CLIPTextModel(_text_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2))
+        unet = build_unet()
+        vae = build_vae()
+        text_encoder = CLIPTextModel(build_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(build_text_config(tokenizer_2))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -128,7 +130,7 @@ def tiny_sdxl_pipeline(seed: int = 0, device=None, dtype=None) -> StableDiffusio
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=build_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
     for model in (unet, vae, text_encoder, text_encoder_2):
@@ -144,8 +146,3 @@ def save_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     tiny_sdxl_pipeline(seed=seed).save_pretrained(directory)
     return directory
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """The tiny pipeline's character-level CLIP tokenizer (built offline); the tiny CLIP scorer uses it too."""
-    return _tokenizer()

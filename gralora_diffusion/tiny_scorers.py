@@ -42,9 +42,9 @@ def _tiny_dino(seed: int, kind: str):
 def _tiny_clip(seed: int):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from .tiny import MAX_LENGTH, tiny_tokenizer
+    from .tiny import MAX_LENGTH, build_tokenizer
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = build_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

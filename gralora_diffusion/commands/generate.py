@@ -6,7 +6,7 @@ HELP = "Generate images with GraLoRA (or plain LoRA) adapters: prompts x seeds x
 
 
 def add_arguments(parser):
-    parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, or `tiny` (embedded, offline; default)")
+    parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, `tiny` (embedded, offline, random; default) or `world` (embedded, pretrained on the drawn world)")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="GraLoRA adapter or plain LoRA file (diffusers or kohya keys), its folder or a Hub id, optional "
                              ":weight (default 1); repeat for several, e.g. a GraLoRA and its LoRA baseline side by side")
@@ -17,8 +17,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=30, help="denoising steps per image (default 30)")
     parser.add_argument("--guidance", type=float, default=5.0,
                         help="classifier-free guidance scale: how closely images follow the prompt (default 5.0)")
-    parser.add_argument("--height", type=int, default=None, help="default: the model's (64 for tiny)")
-    parser.add_argument("--width", type=int, default=None, help="default: the model's (64 for tiny)")
+    parser.add_argument("--height", type=int, default=None, help="default: the model's (64 for tiny and world)")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's (64 for tiny and world)")
     parser.add_argument("--scales", default="1.0", help="comma-separated adapter scales, one grid column each, e.g. 0,0.5,1.0")
     parser.add_argument("--side-by-side", action="store_true",
                         help="a grid column per adapter (each alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline; "
