@@ -38,7 +38,7 @@ DREAMBOOTH_PROMPTS = (
     "a {} floating on top of water",
 )
 # base name -> "module:function" returning extra scorers for it: function(instance_images, device) -> list
-BASE_SCORERS: dict[str, str] = {}
+BASE_SCORERS: dict[str, str] = {"world": "gralora_diffusion.world.scorers:world_scorers"}
 BASE_LABEL = "base"
 
 
