@@ -141,6 +141,8 @@ def draw_object(d: ImageDraw.ImageDraw, obj: str, rgb, cx: float, cy: float, s: 
 def render(seed: int, index: int, obj: str | None = None, colour: str | None = None, background: str | None = None):
     """One picture of the world -> (PIL image at SIZE px, labels dict, random caption). Deterministic
     for (seed, index); `obj` / `colour` / `background` fix those parts, the rest is drawn at random."""
+    if obj and colour and not allowed(obj, colour):
+        raise ValueError(f"render: the world has no {colour} {obj} (that is the samples' subject)")
     rng = random.Random(seed * 1_000_003 + index)
     while True:
         o = obj or rng.choice(OBJECTS)

@@ -89,7 +89,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x + noise).clamp(-1, 1)
 
 
-def train_evaluator(run_dir: Path, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0) -> float:
+def train_evaluator(run_dir: Path, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0, stop_at: int | None = None) -> dict:
     """Train on fresh renders each step; report and return held-out accuracy (all three heads)."""
     from .pretrain import run_stage
 
@@ -104,7 +104,7 @@ def train_evaluator(run_dir: Path, steps: int, batch: int = 64, lr: float = 2e-3
         loss = sum(F.cross_entropy(logits[name], y[:, i]) for i, name in enumerate(HEADS))
         return loss, {}
 
-    run_stage(run_dir, "evaluator", {"model": model}, list(model.parameters()), steps, step_fn, lr, warmup=50)
+    run_stage(run_dir, "evaluator", {"model": model}, list(model.parameters()), steps, step_fn, lr, warmup=50, stop_at=stop_at)
     accuracy = held_out_accuracy(model.eval())
     print("evaluator held-out accuracy:", {k: round(v, 4) for k, v in accuracy.items()})
     return accuracy

@@ -27,11 +27,11 @@ def held_out_pairs(seeds=(0, 1)) -> list[tuple[str, dict, int]]:
     return [(caption(o, c, b), {"object": o, "colour": c, "background": b}, s) for (o, c, b) in sorted(HELD_OUT) for s in seeds]
 
 
-def prompt_following(pipe, evaluator: WorldEvaluator | None = None, seeds=(0, 1), steps: int = STEPS) -> dict:
+def prompt_following(pipe, evaluator: WorldEvaluator | None = None, seeds=(0, 1), steps: int = STEPS, guidance: float = GUIDANCE) -> dict:
     """Share of images whose evaluator labels match the prompt's object, colour and background."""
     evaluator = evaluator or WorldEvaluator.load()
     pairs = held_out_pairs(seeds)
-    images = generate(pipe, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps)
+    images = generate(pipe, [p for p, _, _ in pairs], [s for _, _, s in pairs], steps, guidance)
     predicted = evaluator.predict(images)
     scores = {key: sum(p[key] == want[key] for p, (_, want, _) in zip(predicted, pairs)) / len(pairs)
               for key in ("object", "colour", "background")}
@@ -60,7 +60,10 @@ RECONTEXT = {"stripes": GRID_ROWS[1], "checks": GRID_ROWS[2]}
 PRIOR_WANT = {"object": "ball", "colour": "blue"}
 
 
-def sample_set(pipe, seeds: int = 8, steps: int = STEPS) -> dict[str, list]:
+SEEDS = 16  # per prompt: 16 images make each share a 6-point step
+
+
+def sample_set(pipe, seeds: int = SEEDS, steps: int = STEPS) -> dict[str, list]:
     """Every GRID_ROWS prompt at seeds 0..seeds-1 (the same noise before and after training)."""
     prompts = [p for p in GRID_ROWS for _ in range(seeds)]
     images = generate(pipe, prompts, list(range(seeds)) * len(GRID_ROWS), steps)

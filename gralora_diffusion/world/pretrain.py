@@ -43,7 +43,7 @@ def run_stage(run_dir: Path, name: str, modules: dict, params, steps: int, step_
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     step, extra = 0, {}
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         for key, module in modules.items():
             module.load_state_dict(state["modules"][key])
         optimizer.load_state_dict(state["optimizer"])
@@ -105,7 +105,7 @@ def load_vae(run_dir: Path, stage: str = "vae"):
     from .model import world_vae
 
     vae = world_vae()
-    vae.load_state_dict(torch.load(run_dir / f"{stage}.pt", weights_only=False)["modules"]["vae"])
+    vae.load_state_dict(torch.load(run_dir / f"{stage}.pt", weights_only=True)["modules"]["vae"])
     return vae.eval()
 
 

@@ -28,7 +28,7 @@ def cache_latents(run_dir: Path, count: int = CACHE_RENDERS) -> dict:
     """Encode `count` renders (held-out scenes dropped) with the stage-1 encoder; latents are scaled to unit std."""
     path = run_dir / "latents.pt"
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)
     vae = load_vae(run_dir)
     latents, captions = [], []
     colour_names = list(COLOURS)

@@ -20,10 +20,10 @@ def export_weights(run_dir: Path, out_dir: Path = WEIGHTS_DIR) -> Path:
     from diffusers.training_utils import EMAModel
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    unet_state = torch.load(run_dir / "unet.pt", weights_only=False)
+    unet_state = torch.load(run_dir / "unet.pt", weights_only=True)
     vae_stage = "decoder" if (run_dir / "decoder.pt").is_file() else "vae"
-    vae_state = torch.load(run_dir / f"{vae_stage}.pt", weights_only=False)
-    scaling = torch.load(run_dir / "latents.pt", weights_only=False)["scaling_factor"]
+    vae_state = torch.load(run_dir / f"{vae_stage}.pt", weights_only=True)
+    scaling = torch.load(run_dir / "latents.pt", weights_only=True)["scaling_factor"]
     pipe = build_world_pipeline(scaling_factor=scaling)
     trained = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     for name, module in trained.items():
@@ -42,7 +42,7 @@ def export_weights(run_dir: Path, out_dir: Path = WEIGHTS_DIR) -> Path:
         from .evaluator import WEIGHTS, WorldEvaluator
 
         model = WorldEvaluator()
-        model.load_state_dict(torch.load(ev, weights_only=False)["modules"]["model"])
+        model.load_state_dict(torch.load(ev, weights_only=True)["modules"]["model"])
         save_file(_fp16(model), str(WEIGHTS))
     (out_dir / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out_dir}: {meta}")
