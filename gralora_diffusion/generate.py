@@ -29,7 +29,8 @@ MARKER = ".gralora-generate"  # in every folder generate writes to: the images b
 OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
 WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
 LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
-HEADER_HEIGHT = 24  # column labels (scale) above it
+HEADER_HEIGHT = 24  # at least, for the column labels (scale) above it
+FONT_SIZE, LINE_HEIGHT = 12, 14
 
 
 @dataclass
@@ -169,9 +170,10 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def _wrap(draw, text: str, font, width: int) -> list[str]:
+    # Words joined by two spaces: PIL's default font draws a space 2 px wide, which runs words together.
     lines, line = [], ""
     for word in text.split():
-        trial = f"{line} {word}".strip()
+        trial = f"{line}  {word}".strip()
         if draw.textlength(trial, font=font) <= width or not line:
             line = trial
         else:
@@ -181,18 +183,24 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
 
 
 def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
-    """Rows x columns of equal-size images, a label column on the left and a header row on top."""
+    """Rows x columns of equal-size images, a label column on the left and a header row on top
+    (labels wrapped to their cell: a long column label takes more lines, not its neighbour's space)."""
     w, h = images[0][0].size
-    grid = Image.new("RGB", (LABEL_WIDTH + w * len(column_labels), HEADER_HEIGHT + h * len(row_labels)), "white")
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for c, label in enumerate(column_labels):
-        draw.text((LABEL_WIDTH + c * w + 4, 6), label, fill="black", font=font)
-    for r, (row, label) in enumerate(zip(images, row_labels)):
-        lines = _wrap(draw, label, font, LABEL_WIDTH - 8)[: max(1, (h - 4) // 12)]
+    font = ImageFont.load_default(size=FONT_SIZE)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    headers = [_wrap(draw, label, font, w - 6) for label in column_labels]
+    header_height = max(HEADER_HEIGHT, 8 + LINE_HEIGHT * max((len(lines) for lines in headers), default=1))
+    grid = Image.new("RGB", (LABEL_WIDTH + w * len(column_labels), header_height + h * len(row_labels)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, lines in enumerate(headers):
         for i, line in enumerate(lines):
-            draw.text((4, HEADER_HEIGHT + r * h + 4 + 12 * i), line, fill="black", font=font)
+            draw.text((LABEL_WIDTH + c * w + 3, 4 + LINE_HEIGHT * i), line, fill="black", font=font)
+    for r, (row, label) in enumerate(zip(images, row_labels)):
+        lines = _wrap(draw, label, font, LABEL_WIDTH - 8)[: max(1, (h - 4) // LINE_HEIGHT)]
+        for i, line in enumerate(lines):
+            draw.text((4, header_height + r * h + 4 + LINE_HEIGHT * i), line, fill="black", font=font)
         for c, image in enumerate(row):
-            grid.paste(image, (LABEL_WIDTH + c * w, HEADER_HEIGHT + r * h))
+            grid.paste(image, (LABEL_WIDTH + c * w, header_height + r * h))
     return grid
 
 

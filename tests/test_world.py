@@ -79,3 +79,24 @@ def test_quickstart_learns_the_teapot(tmp_path, capsys):
     before, after = map(float, re.search(r"subject fidelity .*: ([0-9.]+) -> ([0-9.]+)", out).groups())
     assert after > before + 0.05, out
     assert (tmp_path / "pytorch_gralora_weights.safetensors").is_file() and (tmp_path / "before_after.png").is_file()
+
+
+def test_world_scorer_reads_what_each_prompt_asks_for():
+    """evaluate/compare's world scorer: fidelity on the subject's prompts only, the background where a
+    prompt names one, the prior's object and colour; checked on renders whose answers are known."""
+    from gralora_diffusion.evaluate import BASE_SCORERS
+    from gralora_diffusion.world.draw import render
+    from gralora_diffusion.world.scorers import WorldScorer, requested, world_scorers
+
+    assert BASE_SCORERS["world"] == "gralora_diffusion.world.scorers:world_scorers"
+    assert requested("a photo of sks teapot on green stripes") == {"background": "stripes", "object": "teapot"}
+    assert requested("a photo of a blue ball") == {"object": "ball", "colour": "blue"}
+    teapots = [render(1, i, "teapot", "green", "checks")[0] for i in range(3)]
+    balls = [render(2, i, "ball", "blue", "table")[0] for i in range(2)]
+    scorer = world_scorers(teapots)[0]
+    assert isinstance(scorer, WorldScorer)
+    scores = scorer(teapots + balls, ["a photo of sks teapot on checks"] * 3 + ["a photo of a blue ball"] * 2)
+    assert scores["world_background"] == 1.0 and scores["world_prior"] == 1.0
+    assert scores["world_fidelity"] > 0.9  # the instance images themselves
+    wrong = scorer(balls, ["a photo of sks teapot on green stripes", "a photo of a red cube"])
+    assert wrong["world_background"] == 0.0 and wrong["world_prior"] == 0.0 and wrong["world_fidelity"] < scores["world_fidelity"]
