@@ -15,7 +15,6 @@ written here once (`default_alpha`, `scaling`).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 
 from peft import GraloraConfig
 
@@ -72,24 +71,6 @@ def make_config(r: int = 8, gralora_k: int = 2, alpha: float | None = None, hybr
             f"r={r} is not divisible by gralora_k={gralora_k}: each of the k blocks gets rank r/k. "
             f"Pick r as a multiple of {gralora_k}. [peft: {err}]"
         ) from None
-
-
-@dataclass(frozen=True)
-class AdapterSettings:
-    """Thin alias kept for train/config.py: the settings without targets; `check()` is `make_config`'s."""
-
-    r: int
-    gralora_k: int = 2
-    alpha: float | None = None
-    hybrid_r: int = 0
-    dropout: float = 0.0
-
-    def check(self) -> None:
-        make_config(**asdict(self))
-
-    @property
-    def resolved_alpha(self) -> float:
-        return default_alpha(self.r, self.alpha)
 
 
 def config_to_header(config) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
 from ..numbers import finite_number
-from ..adapter_config import AdapterSettings
+from ..adapter_config import default_alpha, make_config
 from ..sources import check_model_path  # re-exported: part of this module's public names
 
 
@@ -144,7 +144,7 @@ class TrainConfig:
     # ---- derived values -----------------------------------------------------------------------
     @property
     def resolved_alpha(self) -> float:
-        return float(2 * self.rank if self.alpha is None else self.alpha)
+        return float(default_alpha(self.rank, self.alpha))
 
     @property
     def hub_repo_id(self) -> str:
@@ -311,7 +311,7 @@ class TrainConfig:
             raise TrainConfigError("--hybrid_r is a GraLoRA option; leave it at 0 with --adapter lora.")
         try:
             k = self.gralora_k if self.adapter == "gralora" else 1
-            AdapterSettings(r=self.rank, gralora_k=k, alpha=self.alpha, hybrid_r=self.hybrid_r, dropout=self.dropout).check()
+            make_config(r=self.rank, gralora_k=k, alpha=self.alpha, hybrid_r=self.hybrid_r, dropout=self.dropout)
         except GraloraConfigError as err:
             raise TrainConfigError(f"adapter settings: {err}") from None
 
