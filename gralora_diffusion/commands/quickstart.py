@@ -16,8 +16,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import torch
-
     from ..train import TrainConfig, train
     from ..train.data import scan_images
     from ..world.draw import SIZE
@@ -25,8 +23,6 @@ def run(args) -> int:
     from ..world.measure import quickstart_scores, sample_set
     from ..world.model import tiny_world_pipeline
 
-    # The tiny model's ops are so small that extra threads cost more than they give on a busy CPU.
-    torch.set_num_threads(1)
     _quiet_loading_bars()
     start = time.perf_counter()
     out = args.output_dir
@@ -39,7 +35,6 @@ def run(args) -> int:
         # DreamBooth's prior preservation: teapots drawn by the world model keep the class (and the rest) in place
         with_prior_preservation=True, class_prompt="a photo of a teapot", class_data_dir=str(out / "class_images"),
         num_class_images=16, sample_batch_size=16,
-        report_to="tensorboard" if _has("tensorboard") else "none",
     )
     cfg.validate(need_model=False)  # bad flags fail before anything is written
     instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt)
@@ -88,7 +83,10 @@ def _report(args, result, scores, grid, out, seconds) -> None:
     print(f"  samples:  {result.grid_path}  (4 seeds of {PROMPT!r})")
     print(f"  card:     {out / 'README.md'}")
     print(f"  settings: {out / 'training_config.yaml'}  (reusable with --config)")
-    print(f"  logs:     tensorboard --logdir {out / 'logs'}")
+    if (out / "logs").is_dir():  # TensorBoard logs only when the package is installed (train's --report_to default)
+        print(f"  logs:     tensorboard --logdir {out / 'logs'}")
+    else:
+        print("  logs:     none (pip install tensorboard, and training writes TensorBoard logs)")
     print("Next: train on your own photos of a subject (GPU recommended):")
     print("  gralora-diffusion train --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\")
     print('      --instance_data_dir my_photos --instance_prompt "a photo of sks dog" --resolution 1024 \\')
@@ -101,12 +99,6 @@ def _open(path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def _quiet_loading_bars() -> None:
