@@ -17,13 +17,14 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..train import TrainConfig, train
-    from ..train.data import scan_images
+    from ..quiet import quiet_libraries
+    from ..threads import announce
+    from ..train.data import load_image, scan_images
     from ..world.draw import SIZE
     from ..world.evaluator import WorldEvaluator
     from ..world.measure import quickstart_scores, sample_set
     from ..world.model import tiny_world_pipeline
 
-    _quiet_loading_bars()
     start = time.perf_counter()
     out = args.output_dir
     base = out / "tiny-sdxl"
@@ -38,9 +39,11 @@ def run(args) -> int:
     )
     cfg.validate(need_model=False)  # bad flags fail before anything is written
     instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt)
+    announce()  # the CPU thread choice, once the arguments have passed
     print(f"1/4 Writing the tiny SDXL pretrained on the drawn world (shipped weights) to {base} ...")
-    pipe = tiny_world_pipeline()
-    pipe.save_pretrained(base)
+    with quiet_libraries():  # only our own bars: no component-loading or shard-writing bars from the libraries
+        pipe = tiny_world_pipeline()
+        pipe.save_pretrained(base)
     print("2/4 Sampling the grid's prompts before training ...")
     before = sample_set(pipe)
     print(f"3/4 Training a GraLoRA adapter (r=8, k=2) on {args.instance_data_dir} for {args.max_train_steps} steps at {SIZE} px, batch 2 ...")
@@ -48,7 +51,7 @@ def run(args) -> int:
     print("4/4 Sampling the same prompts and seeds after training ...")
     after = sample_set(result.pipeline)
     evaluator = WorldEvaluator.load()
-    references = [_open(record.path) for record in instances]
+    references = [load_image(record.path) for record in instances]
     scores = {"before": quickstart_scores(evaluator, references, before), "after": quickstart_scores(evaluator, references, after)}
     grid = out / "before_after.png"
     before_after_grid(before, after).save(grid)
@@ -92,21 +95,3 @@ def _report(args, result, scores, grid, out, seconds) -> None:
     print('      --instance_data_dir my_photos --instance_prompt "a photo of sks dog" --resolution 1024 \\')
     print("      --max_train_steps 500 --validation_prompt \"a photo of sks dog in a bucket\" --output_dir my_adapter")
     print("  (or `accelerate launch scripts/train_dreambooth_gralora_sdxl.py` with the same flags; README.md, section Training)")
-
-
-def _open(path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _quiet_loading_bars() -> None:
-    """Only our own progress bar: no shard-writing / component-loading bars from the libraries."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    disable_progress_bars()

@@ -74,8 +74,9 @@ def to_batch(images) -> torch.Tensor:
 
 def fidelity(evaluator: WorldEvaluator, images, references) -> float:
     """Mean cosine similarity of every image's embedding to every reference's (DreamBooth's DINO score)."""
-    a, b = F.normalize(evaluator.embed(images), dim=-1), F.normalize(evaluator.embed(references), dim=-1)
-    return float((a @ b.T).mean())
+    from ..metrics import mean_pairwise_cosine
+
+    return mean_pairwise_cosine(evaluator.embed(images), evaluator.embed(references))
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
