@@ -9,8 +9,9 @@ import importlib
 import os
 import sys
 
-from . import threads
+from . import __version__, threads
 from .errors import GraloraError
+from .flags import FlagParser
 
 # command name -> module under gralora_diffusion.commands
 COMMANDS = {
@@ -39,18 +40,14 @@ def _available_commands() -> dict:
     return modules
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2), not the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    """Every sub-command's flags (snake_case, kebab-case accepted: `flags.FlagParser`). Imports no torch,
+    diffusers, transformers or PEFT: the command modules import those inside `run`."""
+    parser = FlagParser(
         prog="gralora-diffusion",
         description="Train, use and share GraLoRA adapters for Stable Diffusion XL.",
     )
+    parser.add_argument("--version", action="version", version=f"gralora-diffusion {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in _available_commands().items():

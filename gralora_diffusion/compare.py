@@ -30,11 +30,10 @@ from typing import Sequence
 
 import torch
 
+from .constants import DEFAULT_VARIANTS  # noqa: F401  (re-exported: this module's public names)
 from .errors import GraloraConfigError, TrainConfigError
 from .train.config import TrainConfig
 
-# The default set: GraLoRA, Hybrid GraLoRA and LoRA at the same parameter count ((r + hybrid_r)(in + out)).
-DEFAULT_VARIANTS = ("gralora:r=8,k=2", "gralora:r=4,k=2,hybrid_r=4", "lora:r=8")
 ALIASES = {"r": "rank", "k": "gralora_k", "lr": "learning_rate"}
 VARIANT_KEYS = ("rank", "gralora_k", "hybrid_r", "alpha", "dropout", "learning_rate", "unet_targets")
 SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", "unet_targets": "t"}

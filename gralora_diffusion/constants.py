@@ -21,6 +21,9 @@ GENERATE_OUTPUT_DIR = "generated"  # generate's default folder (never a training
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO ViT-S/16
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
+# compare's default variants: GraLoRA, Hybrid GraLoRA and LoRA at the same parameter count ((r + hybrid_r)(in + out)).
+DEFAULT_VARIANTS = ("gralora:r=8,k=2", "gralora:r=4,k=2,hybrid_r=4", "lora:r=8")
+
 # Suffixes of files we never unpickle, and of images we read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -175,7 +175,7 @@ def _export_ranks(adapter: AdapterFile, rank: int | None) -> list[tuple[str, str
             if rank is not None and rank > min(in_f, out_f):
                 raise ExportError(
                     f"rank={rank} is larger than {component}.{module} allows ({in_f}->{out_f}: at most "
-                    f"{min(in_f, out_f)}). Pick a rank <= {min(in_f, out_f)}, or omit --rank for the exact export "
+                    f"{min(in_f, out_f)}). Pick a rank <= {min(in_f, out_f)}, or omit --svd_rank for the exact export "
                     f"(rank {exact_rank(config)})."
                 )
             written = exact_rank(config) if rank is None else min(rank, exact_rank(config))
@@ -302,7 +302,7 @@ def export_lora(
     if max_size is not None and estimate > max_size:
         raise ExportError(
             f"The {format} export of {adapter.source} would be {format_size(estimate)}, more than the "
-            f"{format_size(max_size)} allowed. Use a smaller --rank (SVD) or --dtype fp16, or raise --max-size. "
+            f"{format_size(max_size)} allowed. Use a smaller --svd_rank (SVD) or --dtype fp16, or raise --max_size. "
             "Nothing was written."
         )
     lpb = resolve_layers_per_block(adapter, layers_per_block) if format == "kohya" else None

@@ -104,7 +104,7 @@ def resolve_layers_per_block(adapter: AdapterFile, layers_per_block: int | None)
         raise ExportError(
             f"{adapter.source}: kohya names need the UNet's layers_per_block, and it cannot be told for sure: the base "
             f"model ({adapter.base_model or 'not recorded'}) is not on this machine and the adapter's targets do not cover "
-            "every attention of the up blocks. Pass --layers-per-block N (layers_per_block=N; SDXL: 2), or export with "
+            "every attention of the up blocks. Pass --layers_per_block N (layers_per_block=N; SDXL: 2), or export with "
             "--format diffusers."
         )
     return inferred
@@ -157,7 +157,7 @@ def _base_unet_config(base: str):
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ExportError(f"{path}: the base model's UNet config is not readable JSON ({err}); pass --layers-per-block N.") from None
+        raise ExportError(f"{path}: the base model's UNet config is not readable JSON ({err}); pass --layers_per_block N.") from None
 
 
 def _unet_layers(config) -> int:

@@ -78,13 +78,13 @@ def scale_labels(scales) -> list[str]:
 def read_prompts(path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
     if not Path(path).is_file():
-        raise GraloraConfigError(f"--prompts-file {path}: no such file (one prompt per line).")
+        raise GraloraConfigError(f"--prompts_file {path}: no such file (one prompt per line).")
     data = Path(path).read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise GraloraConfigError(f"--prompts-file {path}, line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
+        raise GraloraConfigError(f"--prompts_file {path}, line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
                                  "save the file as UTF-8.") from None
     lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
@@ -235,7 +235,7 @@ def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple
 
 def _check_settings(prompts, seeds, scales, steps, height, width) -> None:
     if not prompts:
-        raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
+        raise GraloraConfigError("No prompts: give --prompt or --prompts_file.")
     if not seeds or not scales:
         raise GraloraConfigError("Give at least one seed and one scale.")
     for name, values in (("--seeds", seeds), ("--scales", scales)):

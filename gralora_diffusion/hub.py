@@ -174,10 +174,10 @@ A GraLoRA update is exactly a LoRA of rank k·r + hybrid_r, so this export loses
 ```bash
 gralora-diffusion export-lora {sh_where} lora.safetensors                    # diffusers keys, exact
 gralora-diffusion export-lora {sh_where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
-gralora-diffusion export-lora {sh_where} lora_r16.safetensors --rank 16          # smaller, SVD-truncated
+gralora-diffusion export-lora {sh_where} lora_r16.safetensors --svd_rank 16          # smaller, SVD-truncated
 ```
 
-Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include-lora-export`), stock
+Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include_lora_export`), stock
 diffusers loads it directly: `pipe.load_lora_weights({py_where})`.
 
 ## Adapter

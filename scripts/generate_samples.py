@@ -2,7 +2,7 @@
 
     python scripts/generate_samples.py --base stabilityai/stable-diffusion-xl-base-1.0 \
         --adapter output/pytorch_gralora_weights.safetensors --prompt "a photo of sks teapot" \
-        --seeds 0,1 --scales 0,0.5,1.0 --output-dir generated
+        --seeds 0,1 --scales 0,0.5,1.0 --output_dir generated
 
 Same flags and errors as `gralora-diffusion generate` (`--help` lists them).
 """

@@ -65,7 +65,7 @@ def test_cli_export_max_size_must_be_a_positive_finite_number(good, tmp_path, si
     dst = tmp_path / "out.safetensors"
     assert cli_main(["export-lora", str(good), str(dst), f"--max-size={size}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--max-size" in err and not dst.exists()
+    assert "--max_size" in err and not dst.exists()
 
 
 @pytest.fixture

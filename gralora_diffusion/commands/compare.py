@@ -3,7 +3,7 @@ HELP = ("Train GraLoRA and LoRA variants on the same data, seeds and steps, scor
 
 
 def add_arguments(parser):
-    from ..compare import DEFAULT_VARIANTS
+    from ..constants import DEFAULT_VARIANTS
     from ..train.config import add_arguments as add_config_arguments
 
     add_config_arguments(parser)

@@ -5,30 +5,30 @@ HELP = ("Score adapters with DreamBooth's metrics (DINO, CLIP-I, CLIP-T): the ba
 
 
 def add_arguments(parser):
-    from ..metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+    from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
     parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, or `tiny` (embedded, offline; default)")
     parser.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
                         help="GraLoRA or plain LoRA file, folder or Hub id, each scored alone; repeat for several")
-    parser.add_argument("--instance_data_dir", "--instance-data-dir", type=Path, required=True,
+    parser.add_argument("--instance_data_dir", type=Path, required=True,
                         help="folder of the subject photos the generated images are compared with")
     parser.add_argument("--subject", default="sks teapot",
                         help='identifier and class, e.g. "sks teapot": fills the default DreamBooth prompts')
     parser.add_argument("--identifier", default=None,
                         help="word removed from prompts for CLIP-T (default: the subject's first word; '' keeps prompts as written)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (instead of the default set); repeat for several")
-    parser.add_argument("--prompts_file", "--prompts-file", type=Path, default=None, help="text file, one prompt per line (# comments)")
-    parser.add_argument("--negative_prompt", "--negative-prompt", default=None,
+    parser.add_argument("--prompts_file", type=Path, default=None, help="text file, one prompt per line (# comments)")
+    parser.add_argument("--negative_prompt", default=None,
                         help="what the images should not show, for every prompt (default: none)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds, one image each per prompt (default 0,1)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps per image (default 30)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     parser.add_argument("--resolution", type=int, default=None, help="square images of this size (default: the model's)")
-    parser.add_argument("--dino_model", "--dino-model", default=DEFAULT_DINO_MODEL, help=f"Hub id or folder (default {DEFAULT_DINO_MODEL}); 'none' skips DINO")
-    parser.add_argument("--clip_model", "--clip-model", default=DEFAULT_CLIP_MODEL, help=f"Hub id or folder (default {DEFAULT_CLIP_MODEL}); 'none' skips CLIP-I/T")
+    parser.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help=f"Hub id or folder (default {DEFAULT_DINO_MODEL}); 'none' skips DINO")
+    parser.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help=f"Hub id or folder (default {DEFAULT_CLIP_MODEL}); 'none' skips CLIP-I/T")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--output_dir", "--output-dir", type=Path, default=Path("evaluation"), help="grid.png and results.json go here")
+    parser.add_argument("--output_dir", type=Path, default=Path("evaluation"), help="grid.png and results.json go here")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON here")
 
 

@@ -11,8 +11,8 @@ def add_arguments(parser):
                         help="GraLoRA adapter or plain LoRA file (diffusers or kohya keys), its folder or a Hub id, optional "
                              ":weight (default 1); repeat for several, e.g. a GraLoRA and its LoRA baseline side by side")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    parser.add_argument("--prompts-file", type=Path, default=None, help="text file, one prompt per line (# comments)")
-    parser.add_argument("--negative-prompt", default=None, help="what the images should not show, for every prompt (default: none)")
+    parser.add_argument("--prompts_file", type=Path, default=None, help="text file, one prompt per line (# comments)")
+    parser.add_argument("--negative_prompt", default=None, help="what the images should not show, for every prompt (default: none)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps per image (default 30)")
     parser.add_argument("--guidance", type=float, default=5.0,
@@ -20,13 +20,13 @@ def add_arguments(parser):
     parser.add_argument("--height", type=int, default=None, help="default: the model's (64 for tiny and world)")
     parser.add_argument("--width", type=int, default=None, help="default: the model's (64 for tiny and world)")
     parser.add_argument("--scales", default="1.0", help="comma-separated adapter scales, one grid column each, e.g. 0,0.5,1.0")
-    parser.add_argument("--side-by-side", action="store_true",
+    parser.add_argument("--side_by_side", action="store_true",
                         help="a grid column per adapter (each alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline; "
                              "default: all adapters together in every column")
     parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights per scale (faster on large runs)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--output-dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR),
+    parser.add_argument("--output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR),
                         help=f"folder for the images and grid.png (default {DEFAULT_OUTPUT_DIR}/); a folder holding "
                              "images generate did not write, such as a training set, is refused")
 

@@ -8,9 +8,9 @@ def add_arguments(parser):
     parser.add_argument("repo_id", help="Hub repository, e.g. your-name/sks-teapot-gralora (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)")
-    parser.add_argument("--commit-message", default="Upload GraLoRA adapter", help="the Hub commit's message")
-    parser.add_argument("--dry-run", action="store_true", help="print the files a push would upload and stop (nothing is sent)")
-    parser.add_argument("--include-lora-export", action="store_true",
+    parser.add_argument("--commit_message", default="Upload GraLoRA adapter", help="the Hub commit's message")
+    parser.add_argument("--dry_run", action="store_true", help="print the files a push would upload and stop (nothing is sent)")
+    parser.add_argument("--include_lora_export", action="store_true",
                         help="also write and upload pytorch_lora_weights.safetensors, the exact plain-LoRA export")
 
 

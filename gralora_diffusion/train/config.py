@@ -20,8 +20,6 @@ from pathlib import Path
 from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
 from ..numbers import finite_number
-from ..adapter_config import default_alpha, make_config
-from ..sources import check_model_path  # re-exported: part of this module's public names
 
 
 def _opt(help_text: str, **extra):
@@ -144,6 +142,8 @@ class TrainConfig:
     # ---- derived values -----------------------------------------------------------------------
     @property
     def resolved_alpha(self) -> float:
+        from ..adapter_config import default_alpha
+
         return float(default_alpha(self.rank, self.alpha))
 
     @property
@@ -210,6 +210,8 @@ class TrainConfig:
             self._check_hub_repo_id()
         if self.aspect_buckets:
             self.bucket_list()
+        from ..sources import check_model_path
+
         if need_model:
             check_model_path("--pretrained_model_name_or_path", self.pretrained_model_name_or_path, "model_index.json")
         if self.pretrained_vae_model_name_or_path:
@@ -307,6 +309,8 @@ class TrainConfig:
                 raise TrainConfigError(f"--{name}: {err}") from None
 
     def _check_adapter(self) -> None:
+        from ..adapter_config import make_config
+
         if self.adapter == "lora" and self.hybrid_r:
             raise TrainConfigError("--hybrid_r is a GraLoRA option; leave it at 0 with --adapter lora.")
         try:
