@@ -307,6 +307,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     from .evaluate import default_prompts, instance_scorers, subject_of
     from .generate import default_device_dtype, load_base_pipeline
     from .metrics import quiet_libraries
+    from .threads import announce
 
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
     if not base:
@@ -328,6 +329,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     if not eval_seeds:
         raise GraloraConfigError("--eval_seeds: give at least one, e.g. 0,1.")
     dino, clip = cfg.metric_models
+    announce()  # the CPU thread rule, for Python callers too
     scorers = instance_scorers(cfg.instance_data_dir, cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
     with quiet_libraries():
         pipe = load_base_pipeline(base)

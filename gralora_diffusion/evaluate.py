@@ -235,11 +235,13 @@ def evaluate_adapter(
     (`build_scorers`). `pipe`: an already loaded, patched pipeline instead of `base_model`. Writes
     `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given."""
     from .generate import check_adapter_paths, default_device_dtype, load_base_pipeline
+    from .threads import announce
 
     prompts = list(prompts) if prompts else default_prompts(subject)
     identifier = default_identifier(subject) if identifier is None else identifier or None
     seeds, sources = [int(s) for s in seeds], _labelled_sources(adapters)
     _check_inputs(prompts, seeds, steps, resolution)
+    announce(print if progress else None)  # the CPU thread rule, for Python callers too
     if instance_images is None:
         if instance_data_dir is None and scorers is None:
             raise GraloraConfigError("Give the instance images: --instance_data_dir FOLDER (the subject photos).")

@@ -143,8 +143,8 @@ def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
         from .sources import check_model_path
 
         check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
+    announce(say)  # the CPU thread rule, for Python callers too
     if say:
-        announce(say)
         say(f"Loading base model {base_model} ...")
     with quiet_libraries():  # importing diffusers' pipelines makes transformers talk about torchvision
         from diffusers import StableDiffusionXLPipeline

@@ -1,7 +1,12 @@
 """How many CPU threads torch uses. On a busy machine torch's default (one thread per core) made
 `train` and `generate` 9-40x slower than one thread: the tiny models' ops are too small to share
 out, and every thread waits for the slowest core. We honour an explicit choice, then
-OMP_NUM_THREADS, and otherwise use half the cores, at most 4."""
+OMP_NUM_THREADS, and otherwise use half the cores, at most 4.
+
+The same rule holds for Python users: every entry point that runs models (`train`, `evaluate_adapter`,
+`compare`, `generate_samples`, `tiny_world_pipeline`) calls `announce`, which applies it once per process
+unless the user chose already (torch.set_num_threads, OMP_NUM_THREADS or MKL_NUM_THREADS), and says so
+once. Importing the package changes nothing."""
 
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ def choose_num_threads(requested: int | None = None) -> tuple[int, str]:
 
 
 _note: list[str] = []  # what set_num_threads chose, said once by `announce` when the real work starts
+_decided: list[bool] = []  # the choice is made once per process: by the command line, or by `announce`
 
 
 def set_num_threads(requested: int | None = None) -> str:
@@ -43,10 +49,41 @@ def set_num_threads(requested: int | None = None) -> str:
     threads, why = choose_num_threads(requested)
     torch.set_num_threads(threads)
     _note[:] = [f"CPU threads: {threads} ({why}; change with --num_threads N)"]
+    _decided[:] = [True]
     return _note[0]
 
 
+def user_chose_threads() -> bool:
+    """Whether torch's intra-op thread count was chosen by someone: OMP_NUM_THREADS/MKL_NUM_THREADS set, or
+    torch.set_num_threads called. Without those, torch starts intra-op and inter-op pools at the same size
+    (both from its `defaultNumThreads`, the physical cores), so a differing intra-op count was set by hand."""
+    import torch
+
+    if any(os.environ.get(name, "").strip() for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        return True
+    return torch.get_num_threads() != torch.get_num_interop_threads()
+
+
+def apply_default() -> None:
+    """For Python callers: the command line's rule, once per process, unless the user chose already."""
+    if _decided:
+        return
+    _decided[:] = [True]
+    if user_chose_threads():
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    threads, why = choose_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+        _note[:] = [f"CPU threads: {threads} ({why}, as the command line picks; torch's default was {before}. "
+                    "Choose with torch.set_num_threads(N) or OMP_NUM_THREADS before the first call)"]
+
+
 def announce(say=print) -> None:
-    """Say the thread choice once, if the command line made one; called where models start to load."""
-    if _note:
+    """Where models start to run: applies the thread rule if nobody chose (`apply_default`), and says the
+    choice once (`say=None`: applied, said by a later call)."""
+    apply_default()
+    if _note and say:
         say(_note.pop())

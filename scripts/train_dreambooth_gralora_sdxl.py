@@ -16,12 +16,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet optional-backe
 
 from gralora_diffusion import threads
 from gralora_diffusion.errors import GraloraError
+from gralora_diffusion.flags import FlagParser
 from gralora_diffusion.train import TrainConfig, train
 from gralora_diffusion.train.config import add_arguments
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # snake_case, kebab accepted
     add_arguments(parser)
     threads.add_argument(parser)
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TrainingError, UnreadableImageError
+from ..threads import announce
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochBatches, collate, ensure_class_images, logger, scan_images
 from .checkpoint import check_checkpoint, load_training_state, run_history, save_training_state, shaping_settings
@@ -103,6 +104,7 @@ def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None]
     if cfg.seed is None:
         cfg.seed = resumed["seed"] if resumed else random.SystemRandom().randrange(2**31)
     main = int(os.environ.get("RANK", "0")) == 0
+    announce(print if main else None)  # the CPU thread rule, for Python callers too (a pipeline passed in loads nothing)
     with output_dir_lock(cfg.output_dir, enabled=main):
         try:
             return _train(cfg, instances, resume_from, resumed, pipeline, on_step)

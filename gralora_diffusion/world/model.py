@@ -60,7 +60,9 @@ def tiny_world_pipeline(device=None, dtype=None, weights_dir: str | Path = WEIGH
     from safetensors.torch import load_file
 
     from ..errors import GraloraConfigError
+    from ..threads import announce
 
+    announce()  # the CPU thread rule, for Python callers too
     weights_dir = Path(weights_dir)
     meta = weights_dir / "world.json"
     if not meta.is_file():
