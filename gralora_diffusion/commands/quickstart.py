@@ -5,12 +5,14 @@ HELP = "Offline demo of the main job: train a GraLoRA adapter on samples/ with t
 PROMPT = "a photo of sks teapot"
 STEPS = 150
 LEARNING_RATE = 1e-3
-SAMPLES = Path(__file__).resolve().parents[2] / "samples"  # the repository's samples/ (editable install)
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"  # the repository's samples/ (a clone or an editable install)
 
 
 def add_arguments(parser):
     parser.add_argument("--output_dir", type=Path, default=Path("quickstart_output"), help="where everything goes (default quickstart_output)")
-    parser.add_argument("--instance_data_dir", type=Path, default=SAMPLES, help="images to train on (default: the repository's samples/)")
+    parser.add_argument("--instance_data_dir", type=Path, default=None,
+                        help="images to train on (default: the repository's samples/; installed from a wheel, the same "
+                             "five teapots drawn into OUTPUT_DIR/instance_images/)")
     parser.add_argument("--max_train_steps", type=int, default=STEPS, help=f"updates (default {STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed for the training and the samples (default 0)")
 
@@ -28,6 +30,9 @@ def run(args) -> int:
     start = time.perf_counter()
     out = args.output_dir
     base = out / "tiny-sdxl"
+    draw_subject = args.instance_data_dir is None and not SAMPLES.is_dir()  # a wheel install has no samples/
+    if args.instance_data_dir is None:
+        args.instance_data_dir = out / "instance_images" if draw_subject else SAMPLES
     cfg = TrainConfig(
         pretrained_model_name_or_path=str(base), instance_data_dir=str(args.instance_data_dir), instance_prompt=PROMPT,
         output_dir=str(out), resolution=SIZE, random_flip=True, train_batch_size=2, max_train_steps=args.max_train_steps,
@@ -38,6 +43,11 @@ def run(args) -> int:
         num_class_images=16, sample_batch_size=16,
     )
     cfg.validate(need_model=False)  # bad flags fail before anything is written
+    if draw_subject:
+        from ..world.subject import draw_samples
+
+        draw_samples(args.instance_data_dir)
+        print(f"Drew the subject (the repository's samples/, not installed with the package) into {args.instance_data_dir}/")
     instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt)
     announce()  # the CPU thread choice, once the arguments have passed
     print(f"1/4 Writing the tiny SDXL pretrained on the drawn world (shipped weights) to {base} ...")
