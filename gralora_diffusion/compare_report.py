@@ -71,13 +71,14 @@ def write_report(out: Path, entries: list[dict], base_record: dict, ev) -> Compa
     """results.json and grid.png in `out`."""
     from .compare import BASE_FOLDER, EVAL_FOLDER, load_images
     from .evaluate import BASE_LABEL, VariantResult, labelled_variant_grid
+    from .grid import save_grid
 
     columns = [VariantResult(BASE_LABEL, None, None, images=load_images(out / BASE_FOLDER / EVAL_FOLDER, len(ev.prompts), len(ev.seeds)))]
     for e in entries:
         images = load_images(out / e["runs"][0] / EVAL_FOLDER, len(ev.prompts), len(ev.seeds))
         columns.append(VariantResult(e["name"], e["runs"][0], e["kind"], images=images))
     grid = out / GRID_NAME
-    labelled_variant_grid(columns, ev.prompts).save(grid)
+    save_grid(labelled_variant_grid(columns, ev.prompts), grid)
     path = out / RESULTS_NAME
     path.write_text(json.dumps(entries, indent=2) + "\n")
     return Comparison(entries, base_record["metrics"], path, grid)

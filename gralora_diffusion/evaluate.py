@@ -22,6 +22,7 @@ from PIL import Image
 
 from .constants import IMAGE_SUFFIXES
 from .errors import GraloraConfigError
+from .grid import save_grid
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from .quiet import progress_bar, quiet_libraries
 
@@ -175,7 +176,7 @@ def labelled_variant_grid(variants: list[VariantResult], prompts: Sequence[str])
     """Rows prompts, columns variants; each cell the seeds side by side (diffusers' make_image_grid)."""
     from diffusers.utils import make_image_grid
 
-    from .generate import labelled_grid
+    from .grid import labelled_grid
 
     cells = [[make_image_grid(v.images[r], rows=1, cols=len(v.images[r])) for v in variants] for r in range(len(prompts))]
     return labelled_grid(cells, list(prompts), [v.name for v in variants])
@@ -294,7 +295,7 @@ def write_outputs(result: EvaluationResult, prompts, output_dir=None, json_path=
             raise GraloraConfigError(f"--output_dir {output_dir}: is a file; give a folder (created if missing).")
         output_dir.mkdir(parents=True, exist_ok=True)
         result.grid = output_dir / "grid.png"
-        labelled_variant_grid(result.variants, prompts).save(result.grid)
+        save_grid(labelled_variant_grid(result.variants, prompts), result.grid)
         paths.append(output_dir / "results.json")
     text = json.dumps(result.to_dict(), indent=2) + "\n"
     for path in paths:

@@ -19,18 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR, torch_dtype
 from .errors import GraloraConfigError
+from .grid import labelled_grid, save_grid  # noqa: F401  (labelled_grid: re-exported, older imports)
 
 TINY = "tiny"
 MARKER = ".gralora-generate"  # in every folder generate writes to: the images beside it are ours
 OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
 WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
-LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
-HEADER_HEIGHT = 24  # at least, for the column labels (scale) above it
-FONT_SIZE, LINE_HEIGHT = 12, 14
 
 
 @dataclass
@@ -169,41 +166,6 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    # Words joined by two spaces: PIL's default font draws a space 2 px wide, which runs words together.
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line}  {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not line:
-            line = trial
-        else:
-            lines.append(line)
-            line = word
-    return lines + [line] if line else lines
-
-
-def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
-    """Rows x columns of equal-size images, a label column on the left and a header row on top
-    (labels wrapped to their cell: a long column label takes more lines, not its neighbour's space)."""
-    w, h = images[0][0].size
-    font = ImageFont.load_default(size=FONT_SIZE)
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    headers = [_wrap(draw, label, font, w - 6) for label in column_labels]
-    header_height = max(HEADER_HEIGHT, 8 + LINE_HEIGHT * max((len(lines) for lines in headers), default=1))
-    grid = Image.new("RGB", (LABEL_WIDTH + w * len(column_labels), header_height + h * len(row_labels)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, lines in enumerate(headers):
-        for i, line in enumerate(lines):
-            draw.text((LABEL_WIDTH + c * w + 3, 4 + LINE_HEIGHT * i), line, fill="black", font=font)
-    for r, (row, label) in enumerate(zip(images, row_labels)):
-        lines = _wrap(draw, label, font, LABEL_WIDTH - 8)[: max(1, (h - 4) // LINE_HEIGHT)]
-        for i, line in enumerate(lines):
-            draw.text((4, header_height + r * h + 4 + LINE_HEIGHT * i), line, fill="black", font=font)
-        for c, image in enumerate(row):
-            grid.paste(image, (LABEL_WIDTH + c * w, header_height + r * h))
-    return grid
-
-
 def _activate(pipe, names, weights, lora: bool, scale: float, fuse: bool) -> dict:
     """Set the adapters' weights for one column and fuse at `scale`, or return the per-call scale."""
     if not names:
@@ -319,5 +281,5 @@ def generate_samples(
         if progress is True and bar is not None:
             bar.close()
     row_labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
-    labelled_grid(images, row_labels, result.columns).save(result.grid)
+    save_grid(labelled_grid(images, row_labels, result.columns), result.grid)
     return result

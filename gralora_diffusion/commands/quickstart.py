@@ -25,6 +25,7 @@ def run(args) -> int:
     from ..world.draw import SIZE
     from ..world.evaluator import WorldEvaluator
     from ..world.measure import quickstart_scores, sample_set
+    from ..grid import save_grid
     from ..world.model import tiny_world_pipeline
 
     start = time.perf_counter()
@@ -64,14 +65,14 @@ def run(args) -> int:
     references = [load_image(record.path) for record in instances]
     scores = {"before": quickstart_scores(evaluator, references, before), "after": quickstart_scores(evaluator, references, after)}
     grid = out / "before_after.png"
-    before_after_grid(before, after).save(grid)
+    save_grid(before_after_grid(before, after), grid)
     _report(args, result, scores, grid, out, time.perf_counter() - start)
     return 0
 
 
 def before_after_grid(before: dict, after: dict, seeds=(0, 1), zoom: int = 2):
     """Rows: the prompts; columns: seeds before training, then the same seeds after."""
-    from ..generate import labelled_grid
+    from ..grid import labelled_grid
 
     def big(image):
         return image.resize((image.width * zoom, image.height * zoom), resample=0)  # nearest: show the pixels

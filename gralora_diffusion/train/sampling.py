@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import labelled_grid
+from ..grid import labelled_grid, save_grid
 
 
 def step_bar(total: int, desc: str, unit: str = "step", position: int = 1):
@@ -75,7 +75,7 @@ def save_samples(rows: list[list], folder: Path, tag: str, prompts: list[str] | 
     seeds = seeds if seeds is not None else list(range(len(rows[0])))
     grid = labelled_grid(rows, list(prompts), [f"seed {s}" for s in seeds])
     grid_path = folder / f"{tag}-grid.png"
-    grid.save(grid_path)
+    save_grid(grid, grid_path)
     return grid_path, paths
 
 
