@@ -37,6 +37,25 @@ from .numbers import finite_number
 from .sources import resolve_adapter
 
 FORMATS = ("diffusers", "kohya")
+# Which tool loads which module of each format, read from the tools' own code (README, Export to LoRA):
+# ComfyUI's comfy/lora.py maps diffusers UNet names only in diffusers' old attention-processor form
+# (`unet.….attn1.processor.to_q`, `….processor.to_out`), so none of our `….attn1.to_q` UNet attention
+# keys load there; its text-encoder keys and other UNet Linear names match. A1111's
+# extensions-builtin/Lora/networks.py cuts a key at its first "." (`unet` or `text_encoder` for a
+# diffusers file), which names no module of its model: kohya keys only.
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def loaders(format: str, modules) -> list[str]:
+    """One line per tool: what of this file it loads."""
+    if format == "kohya":
+        return ["diffusers load_lora_weights, ComfyUI and A1111: every module"]
+    skipped = sum(m.component == "unet" and m.module.endswith(UNET_ATTENTION) for m in modules)
+    comfy = ("every module" if not skipped else
+             f"{len(modules) - skipped} of {len(modules)} modules: it skips the UNet's attention layers (to_q/to_k/"
+             "to_v/to_out.0); use --format kohya")
+    return ["diffusers load_lora_weights: every module", f"ComfyUI: {comfy}",
+            "A1111: none (it reads kohya keys only; use --format kohya)"]
 
 
 @dataclass
@@ -76,7 +95,8 @@ class ExportReport:
         return out
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "exact": self.exact, "overall_energy": self.overall_energy}
+        return {**asdict(self), "exact": self.exact, "overall_energy": self.overall_energy,
+                "loaded_by": loaders(self.format, self.modules)}
 
     def __str__(self) -> str:
         lines = [f"Wrote {self.path} ({self.format} LoRA, {self.dtype}, {format_size(self.size_bytes)})"]
@@ -91,6 +111,7 @@ class ExportReport:
             worst = sorted(self.modules, key=lambda m: m.energy)[:3]
             for m in worst:
                 lines.append(f"    lowest: {m.component}.{m.module} energy {m.energy:.6f}")
+        lines += [f"  loaded by {line}" for line in loaders(self.format, self.modules)]
         return "\n".join(lines)
 
 

@@ -263,3 +263,35 @@ def test_cli_export_lora(adapter_file, tmp_path, capsys):
     assert header["ss_network_dim"] == "4" and tensors["lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"].item() == 4
     assert cli_main(["export-lora", str(adapter_file), str(tmp_path / "x.safetensors"), "--max-size", "0.001"]) == 2
     assert "more than the" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def comfyui_diffusers_key_map(pipe) -> set[str]:
+    """The diffusers-style LoRA key prefixes ComfyUI's comfy/lora.py maps for an SDXL model (its
+    model_lora_keys_unet and model_lora_keys_clip, restated): UNet weights as `unet.` + the diffusers name
+    with `.to_` turned into `.processor.to_` and `to_out.0` into `to_out`; text-encoder layers as
+    `text_encoder(_2).text_model.encoder.layers.N.<self_attn.q_proj|k_proj|v_proj|out_proj|mlp.fc1|fc2>`."""
+    keys = set()
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            key = "unet." + name.replace(".to_", ".processor.to_")
+            keys.add(key[:-2] if key.endswith(".to_out.0") else key)
+    clip = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+    for component in ("text_encoder", "text_encoder_2"):
+        for i in range(getattr(pipe, component).config.num_hidden_layers):
+            keys |= {f"{component}.text_model.encoder.layers.{i}.{c}" for c in clip}
+    return keys
+
+
+def test_report_says_which_tool_loads_what_checked_against_comfyuis_key_rule(adapter_file, tmp_path, capsys):
+    dst = tmp_path / "lora.safetensors"
+    report = export_lora(adapter_file, dst)
+    tensors, _ = export_tensors(dst)
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    comfy = len(modules & comfyui_diffusers_key_map(gd.tiny_sdxl_pipeline(seed=0)))
+    assert 0 < comfy < len(modules)  # the text encoders and ff/proj layers match; the UNet's attention does not
+    lines = report.to_dict()["loaded_by"]
+    assert f"ComfyUI: {comfy} of {len(modules)} modules" in lines[1] and "--format kohya" in lines[1]
+    assert lines[2].startswith("A1111: none")
+    assert "loaded by ComfyUI" in str(report)
+    kohya = export_lora(adapter_file, tmp_path / "k.safetensors", format="kohya")
+    assert kohya.to_dict()["loaded_by"] == ["diffusers load_lora_weights, ComfyUI and A1111: every module"]
