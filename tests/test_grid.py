@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gralora_diffusion.grid import HEADER_LINES, LABEL_WIDTH, labelled_grid, legend_path, save_grid
+from gralora_diffusion.grids import HEADER_LINES, LABEL_WIDTH, labelled_grid, legend_path, save_grid
 
 LONG = [
     "runs/gralora_r8_k2_with_a_very_long_adapter_folder_name 0.5",  # one long word, then a short one

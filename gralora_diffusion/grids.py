@@ -1,7 +1,8 @@
-"""Labelled image grids (generate, evaluate, compare, the trainer's samples, the quickstart): a label
-column on the left, a header row on top. A label never runs into its neighbour: it wraps to its cell
-(a word wider than the cell is broken), and what still does not fit is cut with "..."; then the grid
-carries the full labels, and `save_grid` writes them into a legend file beside the image."""
+"""Labelled image grids and adapter labels, shared by generate, evaluate, compare, train's samples
+and quickstart (rows and columns of equal-size images with their labels). A label never runs into its
+neighbour: it wraps to its cell (a word wider than the cell is broken), and what still does not fit is
+cut with "..."; then the grid carries the full labels, and `save_grid` writes them into a legend file
+beside the image."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ HEADER_LINES = 3  # a column label takes at most this many lines; longer ones ar
 FONT_SIZE, LINE_HEIGHT = 12, 14
 ELLIPSIS = "..."  # three dots: PIL's default font may lack the one-glyph ellipsis
 LEGEND_KEY = "gralora_legend"  # Image.info key holding the legend text when a label was cut
+
+
+def adapter_label(source) -> str:
+    """'runs/gralora/pytorch_gralora_weights.safetensors' -> 'gralora'; 'x/lora_r8.safetensors' -> 'lora_r8'."""
+    path = Path(str(source))
+    standard = path.suffix == ".safetensors" and path.name.startswith(("pytorch_", "adapter_model"))
+    return (path.parent.name if standard and path.parent.name else path.stem if path.suffix else path.name) or str(source)
 
 
 def fit_label(draw, text: str, font, width: int, max_lines: int) -> tuple[list[str], bool]:
@@ -86,3 +94,12 @@ def save_grid(grid: Image.Image, path) -> Path | None:
         return legend
     legend.unlink(missing_ok=True)
     return None
+
+
+def labelled_variant_grid(variants, prompts) -> Image.Image:
+    """Rows prompts, columns variants (anything with `.name` and `.images[prompt][seed]`); each cell the
+    seeds side by side (diffusers' make_image_grid)."""
+    from diffusers.utils import make_image_grid
+
+    cells = [[make_image_grid(v.images[r], rows=1, cols=len(v.images[r])) for v in variants] for r in range(len(prompts))]
+    return labelled_grid(cells, list(prompts), [v.name for v in variants])
