@@ -157,11 +157,40 @@ class PeakMemory:
 
 
 def read_record(folder: Path) -> dict:
+    """run.json, checked by type (a record compare did not write, or an edited one, is redone, never
+    trusted): {} when missing, unreadable or not of the shape compare writes."""
     path = folder / RUN_FILE
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:  # written while killed: the run is redone from its checkpoint
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, OSError):  # written while killed: the run is redone from its checkpoint
         return {}
+    return record if _record_shape_ok(record) else {}
+
+
+def _record_shape_ok(record) -> bool:
+    from .numbers import finite_number, whole_number
+
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        return False
+    try:
+        if "train" in record:
+            train = record["train"]
+            if not isinstance(train, dict) or not isinstance(train.get("weights"), str) or "/" in train["weights"]:
+                return False
+            whole_number(train.get("steps"), "steps", ValueError, low=0)
+            whole_number(train.get("parameters"), "parameters", ValueError, low=0, high=2**63 - 1)
+            for key in ("step_time_s", "peak_memory_mb"):
+                if train.get(key) is not None:
+                    finite_number(train[key], key, ValueError, low=0)
+        metrics = record.get("metrics", {})
+        if not isinstance(metrics, dict):
+            return False
+        for value in metrics.values():
+            if value is not None:
+                finite_number(value, "metric", ValueError)
+    except ValueError:
+        return False
+    return True
 
 
 def write_record(folder: Path, record: dict) -> None:
@@ -178,13 +207,9 @@ def save_images(folder: Path, images: list[list]) -> None:
 
 
 def load_images(folder: Path, prompts: int, seeds: int) -> list[list]:
-    from PIL import Image
+    from .images import read_image
 
-    def load(path):
-        with Image.open(path) as image:
-            return image.convert("RGB")
-
-    return [[load(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
+    return [[read_image(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
 
 
 @contextlib.contextmanager
@@ -312,8 +337,12 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
     if not base:
         raise GraloraConfigError("--pretrained_model_name_or_path is required: tiny, world, a Hub id or a model folder.")
-    if seeds_per_variant < 1:
-        raise GraloraConfigError(f"--seeds_per_variant {seeds_per_variant}: at least 1.")
+    from .numbers import limited
+
+    limited("seeds_per_variant", seeds_per_variant)
+    limited("eval_guidance", guidance)
+    for seed in eval_seeds:
+        limited("eval_seeds", seed)
     first = 0 if cfg.seed is None else cfg.seed
     seeds = list(range(first, first + seeds_per_variant))
     runs = [(v, run_config(cfg, v, s)) for v in variants for s in seeds]

@@ -99,17 +99,12 @@ def read_instance_images(folder) -> list[Image.Image]:
     folder = Path(folder)
     if not folder.is_dir():
         raise GraloraConfigError(f"--instance_data_dir {folder}: no such folder (give the folder of subject photos).")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise GraloraConfigError(f"--instance_data_dir {folder}: no images ({', '.join(IMAGE_SUFFIXES)}).")
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except OSError as err:
-            raise GraloraConfigError(f"{path}: cannot read the image ({err}); remove or replace it.") from None
-    return images
+    from .images import read_image  # the trainer's reader: the same pixels it trained on
+
+    return [read_image(path) for path in paths]
 
 
 def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEFAULT_CLIP_MODEL,
@@ -191,7 +186,13 @@ def _labelled_sources(adapters) -> list[tuple[str, object]]:
     return pairs
 
 
-def _check_inputs(prompts, seeds, steps, resolution) -> None:
+def _check_inputs(prompts, seeds, steps, resolution, guidance=5.0) -> None:
+    from .numbers import limited
+
+    for seed in seeds:
+        limited("seeds", seed, "--seeds")
+    for name, value in (("steps", steps), ("resolution", resolution), ("guidance", guidance)):
+        limited(name, value, f"--{name}")
     if not prompts:
         raise GraloraConfigError("No prompts: give --prompt / --prompts_file, or a --subject for the default set.")
     if not seeds:
@@ -238,8 +239,8 @@ def evaluate_adapter(
 
     prompts = list(prompts) if prompts else default_prompts(subject)
     identifier = default_identifier(subject) if identifier is None else identifier or None
-    seeds, sources = [int(s) for s in seeds], _labelled_sources(adapters)
-    _check_inputs(prompts, seeds, steps, resolution)
+    seeds, sources = list(seeds), _labelled_sources(adapters)
+    _check_inputs(prompts, seeds, steps, resolution, guidance)
     if instance_images is None:
         if instance_data_dir is None and scorers is None:
             raise GraloraConfigError("Give the instance images: --instance_data_dir FOLDER (the subject photos).")

@@ -95,6 +95,12 @@ def read_prompts(path) -> list[str]:
 
 def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise GraloraConfigError(f"--device {device!r}: not a device; use cpu or cuda (cuda:0, ...).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GraloraConfigError(f"--device {device}: torch {torch.__version__} sees no CUDA device here; use --device cpu.")
     if dtype is not None:
         dtype = torch_dtype(dtype)
     return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
@@ -233,7 +239,14 @@ def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple
             for i, (name, weight, (path, _)) in enumerate(zip(names, weights, adapters)) for s, label in zip(scales, labels)]
 
 
-def _check_settings(prompts, seeds, scales, steps, height, width) -> None:
+def _check_settings(prompts, seeds, scales, steps, height, width, guidance=5.0) -> None:
+    from .numbers import limited
+
+    for name, values in (("seeds", seeds), ("scales", scales)):
+        for value in values:
+            limited(name, value, f"--{name}")
+    for name, value in (("steps", steps), ("height", height), ("width", width), ("guidance", guidance)):
+        limited(name, value, f"--{name}")
     if not prompts:
         raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
     if not seeds or not scales:
@@ -276,7 +289,7 @@ def generate_samples(
     from .any_adapter import LORA, load_any_adapter
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
 
-    _check_settings(prompts, seeds, scales, steps, height, width)
+    _check_settings(prompts, seeds, scales, steps, height, width, guidance)
     check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
     if pipe is None:
@@ -284,7 +297,7 @@ def generate_samples(
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
-    lora, weights = LORA in kinds, [float(w) for _, w in adapters]
+    lora, weights = LORA in kinds, [float(w) for _, w in adapters]  # each checked by load_any_adapter's loader
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / MARKER).write_text("Written by gralora-diffusion generate: it writes only into folders holding this file "
