@@ -50,6 +50,7 @@ def _show(value) -> str:
 
 
 SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+GENERATOR_SEEDS = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed's range (generate, evaluate, compare's images)
 INT_MAX = 2**31 - 1  # C int: the largest count any library here takes
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT16_MAX = 65504.0
@@ -65,7 +66,7 @@ LIMITS: dict[str, tuple] = {
     "lr_num_cycles": (1, 1_000_000), "num_validation_images": (1, 64), "validation_steps": (1, 100_000_000),
     "num_inference_steps": (1, 1000), "steps": (1, 1000), "checkpointing_steps": (1, 100_000_000),
     "checkpoints_total_limit": (1, 1_000_000), "image_cache_mb": (0, 1_048_576), "seeds_per_variant": (1, 100),
-    "seed": (0, SEED_MAX), "seeds": (0, SEED_MAX), "eval_seeds": (0, SEED_MAX), "num_threads": (1, 1024),
+    "seed": (0, SEED_MAX), "seeds": GENERATOR_SEEDS, "eval_seeds": GENERATOR_SEEDS, "num_threads": (1, 1024),
     "global_step": (0, INT_MAX), "layers_per_block": (1, 64), "svd_rank": (1, 4096),
     # floats
     "alpha": (-FLOAT16_MAX, FLOAT16_MAX), "scales": (-1000.0, 1000.0), "weight": (-1000.0, 1000.0),

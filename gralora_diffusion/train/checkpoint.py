@@ -75,6 +75,12 @@ def check_checkpoint(folder: Path, cfg) -> dict:
         if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
             raise ValueError("no settings table")
         limited("global_step", state.get("global_step"), "global_step", ValueError)  # the number rule: a C int >= 0
+        history = state.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) and isinstance(h.get("settings"), dict)
+                                                    and isinstance(h.get("from_step"), int) for h in history):
+            raise ValueError("history is not a list of {from_step, settings}")
+        if state.get("seed") is not None:
+            limited("seed", state["seed"], "seed", ValueError)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise _damaged(folder, STATE_NAME, str(err).splitlines()[0][:120]) from None
     differ = {k: (state["settings"].get(k), v) for k, v in shaping_settings(cfg).items() if state["settings"].get(k) != v}

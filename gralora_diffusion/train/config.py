@@ -21,6 +21,7 @@ from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
 from ..choices import check_choices
 from ..numbers import check_numbers
+from ..outputs import check_train_output
 from ..adapter_config import default_alpha, make_config
 from ..sources import check_model_path  # re-exported: part of this module's public names
 
@@ -98,6 +99,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _opt("keep at most N checkpoints")
     resume_from_checkpoint: str | None = _opt('a checkpoint folder, or "latest" in --output_dir')
     output_dir: str = _opt("where everything is written", default="gralora-dreambooth-model")
+    overwrite_output_dir: bool = _opt("train again into an --output_dir that holds a finished run (else refused)", default=False)
     seed: int | None = _opt("seed for a reproducible run")
     push_to_hub: bool = _opt("upload the adapter, model card and samples to the Hub when done (GraLoRA only)", default=False)
     hub_model_id: str | None = _opt("Hub repository for --push_to_hub (default: the --output_dir folder name)")
@@ -205,6 +207,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
                 raise TrainConfigError(f"--{name} {value}: is a file, not a folder. Give a folder path (it is created if missing).")
+        check_train_output(self, TrainConfigError)  # the output rule (outputs.py): folders apart, no finished run replaced
         self._check_targets()
         self._check_adapter()
         self._check_packages()
@@ -319,22 +322,26 @@ def read_config_file(path: Path) -> dict:
     """A .toml, .yaml/.yml or .json file holding {flag name: value}."""
     if not path.is_file():
         raise TrainConfigError(f"--config {path}: no such file.")
+    from ..settings_file import check_expansion, read_bounded
+
     suffix = path.suffix.lower()
     try:
+        text = read_bounded(path, TrainConfigError)  # size-bounded; YAML aliases bounded below
         if suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         elif suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         else:
             raise TrainConfigError(f"--config {path}: use a .toml, .yaml/.yml or .json file.")
+        check_expansion(data, path, TrainConfigError)
     except (ValueError, ImportError) as err:  # tomllib/yaml/json parse errors derive from ValueError (yaml: YAMLError)
         if isinstance(err, TrainConfigError):
             raise
