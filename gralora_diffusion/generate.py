@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR, torch_dtype
 from .errors import GraloraConfigError
+from .numbers import limited
 from .outputs import OWNER_FILE, claim_folder, mark_folder, owner
 
 TINY = "tiny"
@@ -239,8 +240,6 @@ def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple
 
 
 def _check_settings(prompts, seeds, scales, steps, height, width, guidance=5.0) -> None:
-    from .numbers import limited
-
     for name, values in (("seeds", seeds), ("scales", scales)):
         for value in values:
             limited(name, value, f"--{name}")
@@ -289,6 +288,8 @@ def generate_samples(
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
 
     _check_settings(prompts, seeds, scales, steps, height, width, guidance)
+    for path, weight in adapters:  # the number rule before anything loads (the loader checks it again)
+        limited("weight", weight, f"--adapter {path}:weight")
     check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
     if pipe is None:
