@@ -87,10 +87,12 @@ def legend_path(grid_path) -> Path:
 def save_grid(grid: Image.Image, path) -> Path | None:
     """Save the grid; when a label had to be cut, its full labels go to `<name>_legend.txt` beside it
     (returned), and a legend left by an earlier grid of that name is removed."""
-    grid.save(path)
+    from .atomic import atomic_write
+
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))  # a stopped run leaves no half image
     legend = legend_path(path)
     if LEGEND_KEY in grid.info:
-        legend.write_text(grid.info[LEGEND_KEY], encoding="utf-8")
+        atomic_write(legend, lambda tmp: Path(tmp).write_text(grid.info[LEGEND_KEY], encoding="utf-8"))
         return legend
     legend.unlink(missing_ok=True)
     return None
