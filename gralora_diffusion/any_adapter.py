@@ -86,9 +86,68 @@ def check_lora_file(path) -> None:
         raise AdapterFileError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:200]}).") from None
 
 
+def check_lora_fits(pipe, path) -> None:
+    """A plain LoRA file's module names and shapes against the pipeline, before diffusers loads it (whose
+    mismatch report is a page of log lines): the first module the pipeline lacks, or whose Linear/Conv2d
+    widths differ, is one line naming it and both shapes. Keys are converted as `load_lora_weights`
+    converts them (diffusers' `lora_state_dict` with the UNet's config, then its PEFT key converters)."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    from .quiet import quiet_libraries
+
+    try:
+        with quiet_libraries():
+            state, _ = pipe.lora_state_dict(str(path), unet_config=pipe.unet.config)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise AdapterFileError(f"{path}: diffusers cannot read this LoRA ({type(err).__name__}: "
+                               f"{(str(err).strip().splitlines() or [''])[0][:300]}).") from None
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        part = {k[len(component) + 1:]: v for k, v in state.items() if k.startswith(component + ".")}
+        if not part:
+            continue
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise AdapterFileError(f"{path}: has {component} weights, but this {type(pipe).__name__} has no {component}: "
+                                   "the LoRA was made for another base model.")
+        peft = convert_unet_state_dict_to_peft(part) if component == "unet" else \
+            convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        modules = dict(model.named_modules())
+        for key, down in peft.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            name = key[: -len(".lora_A.weight")]
+            module = modules.get(name, modules.get(name.removeprefix("text_model.")))  # transformers 5 CLIP has no text_model
+            if module is None:
+                raise AdapterFileError(f"{path}: {component}.{name} has LoRA weights, but this pipeline's {component} "
+                                       f"({type(model).__name__}) has no module {name!r}: the LoRA was made for another base model.")
+            up = peft.get(f"{name}.lora_B.weight")
+            here = (getattr(module, "in_features", getattr(module, "in_channels", None)),
+                    getattr(module, "out_features", getattr(module, "out_channels", None)))
+            fits = (down.shape[1] if down.dim() > 1 else None, up.shape[0] if up is not None else here[1])
+            if fits != here:
+                raise AdapterFileError(
+                    f"{path}: {component}.{name}: the LoRA was made for another base model: here it is "
+                    f"{type(module).__name__} {here[0]}->{here[1]}, but lora_A {tuple(down.shape)} / lora_B "
+                    f"{tuple(up.shape) if up is not None else None} fit {fits[0]}->{fits[1]}.")
+
+
+def check_adapter_fits(pipe, source) -> None:
+    """Any adapter (GraLoRA or plain LoRA, as `load_any_adapter` takes it) against the pipeline, before
+    anything is loaded or generated; Hub repo ids are checked when they load."""
+    kind, target = adapter_kind(source)
+    if kind == GRALORA:
+        from .sources import resolve_adapter
+
+        pipe.check_gralora_fits(resolve_adapter(target))
+    elif kind == LORA and Path(target).is_file():
+        check_lora_file(target)
+        check_lora_fits(pipe, target)
+
+
 def _load_lora(pipe, path: str, adapter_name: str) -> None:
     if Path(path).is_file():
         check_lora_file(path)
+        check_lora_fits(pipe, path)
     try:
         pipe.load_lora_weights(path, adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError, OSError) as err:

@@ -227,6 +227,7 @@ def evaluate_adapter(
     `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given."""
     from .bases import default_device_dtype, load_base
     from .sources import check_adapter_paths
+    from .any_adapter import check_adapter_fits
     from .threads import announce
 
     prompts = list(prompts) if prompts else default_prompts(subject)
@@ -246,6 +247,8 @@ def evaluate_adapter(
         scorers = build_scorers(instance_images, dino_model, clip_model, identifier, device, base_model)
     with quiet_libraries():
         pipe = pipe if pipe is not None else load_base(base_model, family, device, dtype)[0]
+        for label, source in sources:  # every adapter against the pipeline before any image (any_adapter.py)
+            check_adapter_fits(pipe, source)
     columns = ([(BASE_LABEL, None)] if include_base else []) + sources
     bar = progress_bar(progress, len(columns) * len(prompts) * len(seeds), "evaluate")
     variants = []

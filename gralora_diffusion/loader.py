@@ -112,6 +112,15 @@ class GraloraLoaderMixin:
             )
         if any(layer.merged for layer in self._all_gralora_layers()):
             raise GraloraConfigError("GraLoRA adapters are fused into the weights; call unfuse_gralora() before loading another.")
+        steps = self.check_gralora_fits(adapter)
+        with offloading_paused(self):
+            load_into_models(steps, adapter_name, source)
+        return adapter_name
+
+    def check_gralora_fits(self, adapter) -> list[tuple]:
+        """A resolved adapter (`sources.resolve_adapter`) against this pipeline: its family, components,
+        module names and shapes (`model_ops.check_fits`), changing nothing; returns the loading steps."""
+        source = adapter.source
         check_family(adapter, self)
         present = self._gralora_components()
         absent = [c for c in adapter.configs if c not in present]
@@ -123,9 +132,7 @@ class GraloraLoaderMixin:
             config = config_from_header(header, source, component, base_model=adapter.base_model)
             check_fits(present[component], component, config, adapter.state_dicts[component], source)
             steps.append((component, present[component], config, adapter.state_dicts[component]))
-        with offloading_paused(self):
-            load_into_models(steps, adapter_name, source)
-        return adapter_name
+        return steps
 
     def _next_adapter_name(self) -> str:
         taken = set().union(*(existing_adapter_names(m) for m in self._gralora_components().values()))
