@@ -181,13 +181,19 @@ def generate_samples(
     progress: bool = True,
     side_by_side: bool = False,
     family: str | None = None,
+    scheduler: str | None = None,
+    init_image=None,
+    strength: float = 0.8,
 ) -> GenerateResult:
     """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
     generate every prompt x seed x scale, save each image and `grid.png` into `output_dir` (new, empty
     or written by generate before). `pipe`: an already loaded pipeline (with `patch_pipeline`) instead
     of `base_model`. `progress`: a loading line and a bar over the images (False: silent). `side_by_side`:
     a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline. `family`:
-    the base's family when model_index.json does not say it (or `tiny` of another family than sdxl)."""
+    the base's family when model_index.json does not say it (or `tiny` of another family than sdxl).
+    `scheduler`: a diffusers scheduler class name (schedulers.py). `init_image`: a picture (path or PIL
+    image) to start from, image-to-image through diffusers' `AutoPipelineForImage2Image.from_pipe` (the
+    same modules, adapters included), `strength` of noise added to it (0 < strength <= 1)."""
     from .any_adapter import LORA, load_any_adapter
     from .bases import load_base, render
     from .grids import labelled_grid
@@ -195,6 +201,12 @@ def generate_samples(
     from .sources import check_adapter_paths
 
     _check_settings(prompts, seeds, scales, steps, height, width, guidance)
+    if scheduler is not None:
+        from .schedulers import scheduler_class
+
+        scheduler_class(scheduler)  # the name, before any model loads
+    if init_image is not None:
+        init_image = _init_image(init_image, strength)
     for path, weight in adapters:  # the number rule before anything loads (the loader checks it again)
         limited("weight", weight, f"--adapter {path}:weight")
     check_output_dir(output_dir)
@@ -204,6 +216,7 @@ def generate_samples(
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
+    runner, extra = _runner(pipe, scheduler, init_image, strength, height, width)
     lora, weights = LORA in kinds, [float(w) for _, w in adapters]  # each checked by load_any_adapter's loader
     output_dir = Path(output_dir)
     claim_folder(output_dir, "generate", "output_dir", own=OUR_IMAGE, write=False)  # again: it may have changed meanwhile
@@ -216,6 +229,7 @@ def generate_samples(
     images = [[None] * len(columns) for _ in rows]
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))  # a caller's pipeline: its bar off inside ours
     pipe.set_progress_bar_config(disable=True)
+    runner.set_progress_bar_config(disable=True)
     bar = progress_bar(progress, len(rows) * len(columns), "generate")
     try:
         for c, (active, active_weights, scale, *_) in enumerate(columns):
@@ -224,7 +238,8 @@ def generate_samples(
             try:
                 for r, (prompt, seed) in enumerate(rows):
                     with quiet_known_noise():  # an fp16 VAE's upcast talks; a cut prompt still says so
-                        images[r][c] = render(pipe, prompt, seed, steps, guidance, height, width, negative_prompt, **kwargs)
+                        images[r][c] = render(runner, prompt, seed, steps, guidance, height, width, negative_prompt,
+                                              **kwargs, **extra)
                     save_image(images[r][c], result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
                     if bar is not None:
                         bar.update(1)
@@ -238,6 +253,40 @@ def generate_samples(
     row_labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
     save_grid(labelled_grid(images, row_labels, result.columns), result.grid)
     return result
+
+
+def _init_image(image, strength: float):
+    """--init_image read by the one image reader (images.py), and --strength checked, before any model loads."""
+    from .images import read_image
+
+    if not 0 < float(strength) <= 1:
+        raise GraloraConfigError(f"--strength {strength}: give a number in (0, 1]; 1 draws over the picture entirely.")
+    return image.convert("RGB") if hasattr(image, "convert") else read_image(image)
+
+
+def _runner(pipe, scheduler, init_image, strength, height, width):
+    """(the pipeline that draws, its extra call arguments): `pipe` itself, or its image-to-image twin
+    sharing every module (diffusers' `from_pipe`); with `scheduler` swapped in."""
+    if scheduler is not None:
+        from .schedulers import use_scheduler
+
+        use_scheduler(pipe, scheduler)  # on the pipeline: an image-to-image twin made after shares it
+    if init_image is None:
+        return pipe, {}
+    from diffusers import AutoPipelineForImage2Image
+
+    from .quiet import quiet_libraries
+
+    try:
+        with quiet_libraries():
+            runner = AutoPipelineForImage2Image.from_pipe(pipe)
+    except ValueError as err:
+        raise GraloraConfigError(f"--init_image: diffusers has no image-to-image pipeline for {type(pipe).__name__} "
+                                 f"({str(err).splitlines()[0][:200]}).") from None
+    side = getattr(pipe, "default_sample_size", None)
+    size = (width or (side * pipe.vae_scale_factor if side else init_image.width),
+            height or (side * pipe.vae_scale_factor if side else init_image.height))
+    return runner, {"image": init_image.resize(size), "strength": float(strength)}
 
 
 def save_image(image: Image.Image, path) -> None:

@@ -219,13 +219,14 @@ def call_kwargs(pipe, **kwargs) -> dict:
 
 
 def render(pipe, prompt: str, seed: int, steps: int, guidance: float, height=None, width=None, negative_prompt=None,
-           scale: float | None = None):
+           scale: float | None = None, **extra):
     """One image of `prompt` with a CPU generator seeded `seed` (the same noise on any device), the
-    adapters at `scale` (None: as set) through the pipeline's own per-call scale keyword."""
+    adapters at `scale` (None: as set) through the pipeline's own per-call scale keyword. `extra`: more
+    of the pipeline's call arguments (an image-to-image pipeline's `image` and `strength`)."""
     import torch
 
     kwargs = call_kwargs(pipe, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                         height=height, width=width)
+                         height=height, width=width) | extra
     if negative_prompt is not None and "negative_prompt" not in kwargs:
         raise GraloraConfigError(f"{type(pipe).__name__} takes no negative prompt; leave --negative-prompt out.")
     if scale is not None:

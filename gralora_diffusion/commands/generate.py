@@ -28,6 +28,13 @@ def add_arguments(parser):
                         help="a grid column per adapter (each alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline; "
                              "default: all adapters together in every column")
     parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights per scale (faster on large runs)")
+    parser.add_argument("--scheduler", default=None, metavar="NAME",
+                        help="a diffusers scheduler class, e.g. EulerAncestralDiscreteScheduler or DPMSolverMultistepScheduler "
+                             "(default: the base's own)")
+    parser.add_argument("--init_image", type=Path, default=None,
+                        help="image-to-image: start from this picture (resized to --width x --height, default the model's size)")
+    parser.add_argument("--strength", type=float, default=0.8,
+                        help="with --init_image: how much noise covers the picture, 0 < strength <= 1 (default 0.8)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
     parser.add_argument("--output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR),
@@ -49,6 +56,7 @@ def run(args) -> int:
         output_dir=args.output_dir, negative_prompt=args.negative_prompt, seeds=seeds or [0], steps=args.steps,
         guidance=args.guidance, height=args.height, width=args.width, scales=parse_scales(args.scales),
         fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side, family=args.family,
+        scheduler=args.scheduler, init_image=args.init_image, strength=args.strength,
     )
     print(f"Wrote {len(result.images)} images to {result.output_dir}/")
     print(f"Grid (rows: prompt x seed, columns: {', '.join(result.columns)}): {result.grid}")
