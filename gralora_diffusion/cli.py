@@ -24,9 +24,10 @@ COMMANDS = {
     "make-tiny": "make_tiny",
     "evaluate": "evaluate",
     "compare": "compare",
+    "merge": "merge",
 }
 # Commands that run models on the CPU: they choose torch's thread count and say so.
-COMPUTE_COMMANDS = {"quickstart", "train", "generate", "export-lora", "evaluate", "compare"}
+COMPUTE_COMMANDS = {"quickstart", "train", "generate", "export-lora", "evaluate", "compare", "merge"}
 
 
 def _available_commands() -> dict:
