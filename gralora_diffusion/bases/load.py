@@ -75,12 +75,36 @@ def default_device_dtype(device=None, dtype=None):
     return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
 
 
+def single_file(spec: str, flag: str = "--base", error=GraloraConfigError) -> bool:
+    """Whether `spec` is one checkpoint file (as A1111 and ComfyUI keep models): a `.safetensors` file is;
+    a pickled one (`.ckpt`, `.pt`, `.bin`, ...) is refused, never unpickled (loading a pickle can run code)."""
+    from ..constants import PICKLE_SUFFIXES
+
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise error(f"{flag} {spec}: a pickled checkpoint; gralora-diffusion never unpickles (loading a pickle can run "
+                    "code). Use the model's .safetensors file, a diffusers folder or a Hub id, or convert it in a trusted environment.")
+    return path.suffix.lower() == ".safetensors" and path.is_file()
+
+
+def _from_single_file(fam: Family, spec: str, dtype, flag: str, error):
+    """diffusers' `from_single_file` (its own key conversion; the model's configs come from the Hub cache)."""
+    try:
+        return fam.pipeline_class.from_single_file(spec, torch_dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - diffusers raises many kinds here; each becomes one line naming the file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise error(f"{flag} {spec}: diffusers' {fam.pipeline_class.__name__}.from_single_file cannot load this checkpoint "
+                    f"({type(err).__name__}: {first}). It needs a whole {fam.name} checkpoint, and the model's configs in the "
+                    "Hugging Face cache (one online run).") from None
+
+
 def load_base(spec, family=None, device=None, dtype=None, say=print, flag: str = "--base", revision=None,
               variant=None, vae=None, error=GraloraConfigError):
     """The base model `spec` loaded, placed and patched with the GraLoRA methods: (pipeline, Family).
 
     `spec`: `tiny` (the family's random tiny pipeline; `family` default sdxl), an embedded name (`world`),
-    a folder written by save_pretrained, or a Hub id (cached or downloadable). `family` overrides what
+    a folder written by save_pretrained, a Hub id (cached or downloadable), or one `.safetensors`
+    checkpoint file (`from_single_file`, of `family`, default sdxl; pickled `.ckpt` files are refused). `family` overrides what
     model_index.json says. `revision`/`variant`/`vae` (a VAE's Hub id or folder) go to from_pretrained.
     `say` (None: silent) gets one line when loading starts; the libraries' bars and notes stay quiet.
     Every failure is one line of `error` naming `flag`."""
@@ -90,9 +114,10 @@ def load_base(spec, family=None, device=None, dtype=None, say=print, flag: str =
 
     device, dtype = default_device_dtype(device, dtype)
     spec = str(spec)
-    fam = base_family(spec, family, flag)
+    single = single_file(spec, flag, error)
+    fam = get_family(family or DEFAULT_FAMILY) if single else base_family(spec, family, flag)
     embedded = spec == TINY or _embedded_owner(spec) is not None
-    if not embedded:
+    if not embedded and not single:
         check_model_path(flag, spec, MODEL_INDEX, error)
     announce(say)  # the CPU thread rule, for Python callers too
     if say:
@@ -104,7 +129,9 @@ def load_base(spec, family=None, device=None, dtype=None, say=print, flag: str =
 
         if embedded:
             pipe = fam.build(spec)
-    if not embedded:
+        elif single:
+            pipe = _from_single_file(fam, spec, dtype, flag, error)
+    if not embedded and not single:
         kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
         if vae:
             from diffusers import AutoencoderKL

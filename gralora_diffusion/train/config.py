@@ -204,7 +204,10 @@ class TrainConfig:
             self.bucket_list()
         from ..sources import check_model_path
 
-        if need_model and self.pretrained_model_name_or_path not in embedded_names():
+        from ..bases.load import single_file
+
+        if (need_model and self.pretrained_model_name_or_path not in embedded_names()
+                and not single_file(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path", TrainConfigError)):
             check_model_path("--pretrained_model_name_or_path", self.pretrained_model_name_or_path, "model_index.json")
         if self.pretrained_vae_model_name_or_path:
             check_model_path("--pretrained_vae_model_name_or_path", self.pretrained_vae_model_name_or_path, "config.json")
