@@ -99,6 +99,8 @@ class TrainConfig:
     checkpointing_steps: int = _opt("save a resumable checkpoint every N updates", default=500)
     checkpoints_total_limit: int | None = _opt("keep at most N checkpoints")
     resume_from_checkpoint: str | None = _opt('a checkpoint folder, or "latest" in --output_dir')
+    init_adapter: str | None = _opt("start from this GraLoRA adapter's weights (file, folder or Hub id; same rank, "
+                                    "gralora_k, hybrid_r, alpha, targets and components, checked before training)")
     output_dir: str = _opt("where everything is written", default="gralora-dreambooth-model")
     overwrite_output_dir: bool = _opt("train again into an --output_dir that holds a finished run (else refused)", default=False)
     seed: int | None = _opt("seed for a reproducible run")
@@ -218,6 +220,10 @@ class TrainConfig:
         check_train_output(self, TrainConfigError)  # the output rule (outputs.py): folders apart, no finished run replaced
         self._check_targets()
         self._check_adapter()
+        if self.init_adapter:
+            from .init_adapter import read_init_adapter
+
+            read_init_adapter(self)
         self._check_packages()
         if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest":
             path = self.checkpoint_path(self.resume_from_checkpoint)

@@ -208,6 +208,10 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
 
     set_seed(cfg.seed)  # the same initial adapter on every process
     components = add_adapters(cfg, pipe, family)
+    if cfg.init_adapter and not resume_from[0]:  # a resumed run's checkpoint holds the newer weights
+        from .init_adapter import load_init_adapter
+
+        load_init_adapter(cfg, components, family)
     if weight_dtype != torch.float32:  # trainable weights in fp32 under mixed precision
         cast_training_params(list(components.values()), dtype=torch.float32)
     if cfg.gradient_checkpointing:
