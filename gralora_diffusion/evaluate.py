@@ -343,8 +343,9 @@ def format_table(result: EvaluationResult) -> str:
     names = [m for m in ("dino", "clip_i", "clip_t") if any(m in v.metrics for v in result.variants)]
     names += sorted({m for v in result.variants for m in v.metrics} - set(names))
     width = max([len("variant")] + [len(v.name) for v in result.variants])
-    lines = [f"{'variant':<{width}}  {'kind':<7}  " + "  ".join(f"{n:>8}" for n in names)]
+    widths = [max(8, len(n)) for n in names]  # a long metric name widens its column, not the row
+    lines = [f"{'variant':<{width}}  {'kind':<7}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
     for v in result.variants:
         values = [v.metrics.get(n, math.nan) for n in names]
-        lines.append(f"{v.name:<{width}}  {v.kind or '-':<7}  " + "  ".join(f"{x:>8.3f}" for x in values))
+        lines.append(f"{v.name:<{width}}  {v.kind or '-':<7}  " + "  ".join(f"{x:>{w}.3f}" for x, w in zip(values, widths)))
     return "\n".join(lines)

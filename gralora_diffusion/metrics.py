@@ -65,8 +65,9 @@ class DinoEmbedder(ImageEmbedder):
         from transformers import AutoImageProcessor, AutoModel
 
         self.name = str(name)
-        self.processor = load_pretrained(AutoImageProcessor, name, flag)
-        self.model = load_pretrained(AutoModel, name, flag).to(device or "cpu").eval()
+        hint = f"a transformers save_pretrained folder, or `{flag} none` to skip DINO"
+        self.processor = load_pretrained(AutoImageProcessor, name, flag, folder_hint=hint)
+        self.model = load_pretrained(AutoModel, name, flag, folder_hint=hint).to(device or "cpu").eval()
         inputs = inspect.signature(self.model.forward).parameters
         if "pixel_values" not in inputs or "input_ids" in inputs:
             raise GraloraConfigError(f"{flag} {name}: {type(self.model).__name__} is not a ViT image model; "
@@ -83,8 +84,9 @@ class ClipEmbedder(ImageEmbedder):
         from transformers import AutoModel, AutoProcessor
 
         self.name = str(name)
-        self.processor = load_pretrained(AutoProcessor, name, flag)
-        self.model = load_pretrained(AutoModel, name, flag).to(device or "cpu").eval()
+        hint = f"a transformers save_pretrained folder, or `{flag} none` to skip CLIP-I and CLIP-T"
+        self.processor = load_pretrained(AutoProcessor, name, flag, folder_hint=hint)
+        self.model = load_pretrained(AutoModel, name, flag, folder_hint=hint).to(device or "cpu").eval()
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise GraloraConfigError(f"{flag} {name}: {type(self.model).__name__} is not a CLIP model (no image and "
                                      "text embeddings); give one such as openai/clip-vit-base-patch32.")

@@ -83,6 +83,11 @@ def quiet_libraries():
             enable_progress_bars()
 
 
+def clip_words(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, marked with "..." when cut."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
 def load_pretrained(loader, name: str, flag: str, folder_hint: str = "a transformers save_pretrained folder", **kwargs):
     """`loader.from_pretrained(name, **kwargs)` inside `quiet_libraries`, any failure one line naming
     `flag`: a Hub id that is not cached (offline or no network) says how to get it, a folder says what
@@ -108,7 +113,7 @@ def load_pretrained(loader, name: str, flag: str, folder_hint: str = "a transfor
         raise GraloraConfigError(
             f"{flag} {name}: not in the local Hugging Face cache and not downloadable here ({offline}). "
             f"Run `hf download {name}` once with network access, or pass {folder_hint}. "
-            f"[{type(err).__name__}: {first[:200]}]"
+            f"[{type(err).__name__}: {clip_words(first, 200)}]"
         ) from None
 
 

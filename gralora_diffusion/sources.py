@@ -129,7 +129,7 @@ def _read_folder(folder: Path, weight_name: str | None) -> AdapterFile:
     note = f" Pickle files ({', '.join(pickles)}) are refused: we never unpickle adapters." if pickles else ""
     raise AdapterFileError(
         f"{folder}: no {WEIGHT_NAME}, no PEFT adapter_config.json, and {len(candidates)} other .safetensors "
-        f"files ({', '.join(p.name for p in candidates) or 'none'}); pass weight_name=... to pick one.{note}"
+        f"files ({', '.join(p.name for p in candidates) or 'none'}); give the file's path (Python: weight_name=...) to pick one.{note}"
     )
 
 
@@ -191,7 +191,7 @@ def _hub_error(repo_id: str, filename: str, subfolder, err: Exception, hub: dict
         todo = f"{repo_id} has no revision {hub.get('revision')!r}."
     elif isinstance(err, EntryNotFoundError):
         todo = (f"{where} does not exist, and the repo holds no PEFT save_pretrained adapter either; "
-                "pass weight_name= (and subfolder=) to pick the adapter file.")
+                "give the adapter file's path in the repo (Python: weight_name= and subfolder=).")
     else:
         todo = f"downloading {where} failed; check the network and the repo id, or pass a local path."
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -235,8 +235,13 @@ class TrainConfig:
         return self
 
     def checkpoint_path(self, value: str) -> Path:
+        """A checkpoint as given: a path that exists, or a bare name (`checkpoint-500`) inside --output_dir.
+        A path with a folder part stays as written (`run/checkpoint-9`, never `run/run/checkpoint-9`)."""
         path = Path(value)
-        return path if path.is_absolute() or path.exists() else Path(self.output_dir) / path
+        inside = Path(self.output_dir) / path
+        if path.is_absolute() or path.exists() or (len(path.parts) > 1 and not inside.exists()):
+            return path
+        return inside
 
     def bucket_list(self) -> list[tuple[int, int]] | None:
         from diffusers.training_utils import generate_aspect_ratio_buckets, parse_buckets_string

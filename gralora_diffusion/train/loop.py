@@ -37,9 +37,9 @@ class TrainResult:
     output_dir: Path
     weights_path: Path | None  # written by the main process
     global_step: int
-    losses: list[float] = field(default_factory=list)  # mean over processes, one per update
-    components: dict = field(default_factory=dict)  # trained models (unwrapped) by component name
-    pipeline: Any = None  # the trained pipeline, adapters active
+    losses: list[float] = field(default_factory=list, repr=False)  # mean over processes, one per update
+    components: dict = field(default_factory=dict, repr=False)  # trained models (unwrapped) by component name
+    pipeline: Any = field(default=None, repr=False)  # the trained pipeline, adapters active (kept out of print())
     grid_path: Path | None = None
 
 

@@ -1,0 +1,44 @@
+"""Issue 25's smaller items: each fixed where the rule lives."""
+
+import pytest
+from conftest import PROMPT, SAMPLES
+
+from gralora_diffusion.cli import main as cli_main
+from gralora_diffusion.evaluate import EvaluationResult, VariantResult, format_table
+from gralora_diffusion.quiet import clip_words
+from gralora_diffusion.train import TrainConfig
+from gralora_diffusion.train.loop import TrainResult
+
+
+def test_resume_path_is_never_doubled(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--pretrained_model_name_or_path", "tiny", "--instance_data_dir", str(SAMPLES), "--instance_prompt", PROMPT,
+            "--output_dir", "run"]
+    assert cli_main(args + ["--resume_from_checkpoint", "run/checkpoint-999"]) == 2
+    err = capsys.readouterr().err
+    assert "run/run" not in err and "run/checkpoint-999 is not a complete checkpoint" in err
+    cfg = TrainConfig(output_dir="run")
+    assert str(cfg.checkpoint_path("checkpoint-5")) == "run/checkpoint-5"  # a bare name: inside --output_dir
+
+
+def test_metric_model_error_says_how_to_skip_and_is_not_cut_mid_word(tmp_path, capsys):
+    assert cli_main(["evaluate", "--instance_data_dir", str(SAMPLES), "--dino_model", "someone/not-cached-dino",
+                     "--output_dir", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "`--dino_model none` to skip DINO" in err
+    assert clip_words("alpha beta gamma", 12) == "alpha beta ..." and clip_words("short", 12) == "short"
+
+
+def test_results_table_columns_line_up_with_long_metric_names():
+    variants = [VariantResult("base", None, None, {"dino": 0.5, "world_subject_fidelity": 0.25}, []),
+                VariantResult("a-long-adapter-name", "x", "gralora", {"dino": 0.75, "world_subject_fidelity": 0.125}, [])]
+    lines = format_table(EvaluationResult("tiny", [PROMPT], [0], 1, variants, {})).splitlines()
+    assert len({len(line) for line in lines}) == 1  # every row as wide as the header
+    assert lines[0].index("world_subject_fidelity") + len("world_subject_fidelity") == lines[0].rstrip().__len__()
+
+
+def test_printing_a_train_result_is_short():
+    import gralora_diffusion as gd
+
+    result = TrainResult("out", "out/a.safetensors", 10, losses=[0.1] * 1000, pipeline=gd.tiny_sdxl_pipeline(seed=0))
+    assert len(repr(result)) < 300
