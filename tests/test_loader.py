@@ -431,7 +431,7 @@ BAD = {
     "targets_without_weights": (lambda p, t: _edit(p, t, _drop_module), gd.AdapterFileError, "targeted modules have no weights"),
     "missing_path": (lambda p, t: t / "nothing.safetensors", gd.AdapterFileError, "no such file or folder"),
     "state_dict_without_configs": (lambda p, t: load_file(str(p)), gd.AdapterFileError, "gralora_configs"),
-    "folder_without_adapter": (lambda p, t: t, gd.AdapterFileError, "pass weight_name"),
+    "folder_without_adapter": (lambda p, t: t, gd.AdapterFileError, "weight_name="),
 }
 
 
