@@ -59,7 +59,7 @@ def run(args) -> int:
 
 def before_after_grid(before: dict, after: dict, seeds=(0, 1), zoom: int = 2):
     """Rows: the prompts; columns: seeds before training, then the same seeds after."""
-    from ..generate import labelled_grid
+    from ..grids import labelled_grid
 
     def big(image):
         return image.resize((image.width * zoom, image.height * zoom), resample=0)  # nearest: show the pixels
