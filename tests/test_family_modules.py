@@ -17,7 +17,7 @@ from gralora_diffusion.inject import check_config, inject_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["sd15", "flux"]
+FAMILIES = ["sd15", "flux", "sd3"]
 PROMPTS = ["a photo of sks dog", "a photo of a dog"]
 
 
@@ -33,7 +33,7 @@ def pipeline_latents(name, pipe, x):
     return x
 
 
-CALL_KWARGS = {"sd15": dict(guidance_scale=1.0), "flux": {}}
+CALL_KWARGS = {"sd15": dict(guidance_scale=1.0), "flux": {}, "sd3": dict(guidance_scale=1.0)}
 
 
 def image(pipe, steps=2, **kwargs):
