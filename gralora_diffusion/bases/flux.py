@@ -8,6 +8,7 @@ text ids zeros, image ids the latent grid."""
 from __future__ import annotations
 
 from ..constants import TEXT_ENCODER_PRESETS
+from .vae import shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "FluxPipeline"
 DENOISER = "transformer"
@@ -68,15 +69,6 @@ def encode_prompts(pipe, prompts, device):
     # text_ids (zeros, not batch-first) are rebuilt in `predict`.
     embeds, pooled, _ = pipe.encode_prompt(list(prompts), device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-def vae_encode(pipe, pixels):
-    return pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.parameters
-
-
-def normalize_latents(pipe, latents):
-    config = pipe.vae.config
-    return (latents - config.shift_factor) * config.scaling_factor
 
 
 def predict(pipe, denoiser, noisy_latents, timesteps, cond):

@@ -6,6 +6,7 @@ encoder's last hidden state as the UNet's context."""
 from __future__ import annotations
 
 from ..constants import TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .vae import vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 DENOISER = "unet"
@@ -46,10 +47,6 @@ def build_tiny(seed: int = 0):
 def encode_prompts(pipe, prompts, device):
     embeds, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
     return {"prompt_embeds": embeds}
-
-
-def vae_encode(pipe, pixels):
-    return pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.parameters
 
 
 def normalize_latents(pipe, latents):

@@ -9,6 +9,7 @@ the script's 77 would condition training on other padding than inference)."""
 from __future__ import annotations
 
 from ..constants import TEXT_ENCODER_PRESETS
+from .vae import shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 DENOISER = "transformer"
@@ -66,15 +67,6 @@ def build_tiny(seed: int = 0):
 def encode_prompts(pipe, prompts, device):
     embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device, do_classifier_free_guidance=False)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-def vae_encode(pipe, pixels):
-    return pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.parameters
-
-
-def normalize_latents(pipe, latents):
-    config = pipe.vae.config
-    return (latents - config.shift_factor) * config.scaling_factor
 
 
 def predict(pipe, denoiser, noisy_latents, timesteps, cond):
