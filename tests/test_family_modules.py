@@ -18,7 +18,7 @@ from gralora_diffusion.inject import check_config, inject_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["sd15", "flux", "sd3", "flux2_klein"]
+FAMILIES = ["sd15", "flux", "sd3", "flux2_klein", "qwen_image"]
 PROMPTS = ["a photo of sks dog", "a photo of a dog"]
 
 
@@ -30,7 +30,11 @@ def family(name):
 # unpacked layout), and the call arguments that make it run the denoiser once per step on the prompt
 # alone (no classifier-free guidance batch).
 def pipeline_latents(name, pipe, x):
-    return pipe._pack_latents(x, *x.shape) if name == "flux" else x
+    if name == "flux":
+        return pipe._pack_latents(x, *x.shape)
+    if name == "qwen_image":  # (batch, channels, frame, height, width)
+        return pipe._pack_latents(x, *x.shape[:2], *x.shape[3:])
+    return x
 
 
 def denoiser_layout(name, pipe, x):
@@ -39,7 +43,7 @@ def denoiser_layout(name, pipe, x):
     return pipeline_latents(name, pipe, x)
 
 
-CALL_KWARGS = {"sd15": dict(guidance_scale=1.0), "flux": {}, "sd3": dict(guidance_scale=1.0), "flux2_klein": dict(guidance_scale=1.0)}
+CALL_KWARGS = {"sd15": dict(guidance_scale=1.0), "flux": {}, "sd3": dict(guidance_scale=1.0), "flux2_klein": dict(guidance_scale=1.0), "qwen_image": {}}
 
 
 def image(pipe, steps=2, **kwargs):
@@ -80,7 +84,7 @@ def test_build_tiny_runs_the_stock_pipeline_deterministically(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_predict_matches_the_pipelines_own_denoiser_call(name):
-    """One pipeline step records the denoiser's output; `predict` on the same latents, the same
+    """The pipeline's first step records the denoiser's output; `predict` on the same latents, the same
     timestep and `encode_prompts`' conditioning must give it back (packing, ids, guidance, scaling)."""
     fam = family(name)
     pipe = fam.build_tiny()
@@ -90,10 +94,11 @@ def test_predict_matches_the_pipelines_own_denoiser_call(name):
     x = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
     seen = []
     hook = denoiser.register_forward_hook(lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out.sample))
-    pipe(prompt=PROMPTS[0], num_inference_steps=1, height=64, width=64, latents=pipeline_latents(name, pipe, x.clone()),
+    pipe(prompt=PROMPTS[0], num_inference_steps=2,  # 1 step: Qwen's shift_terminal divides by 0
+         height=64, width=64, latents=pipeline_latents(name, pipe, x.clone()),
          output_type="latent", **CALL_KWARGS[name])
     hook.remove()
-    assert len(seen) == 1
+    assert len(seen) >= 2  # PNDM's warm-up calls its UNet once more
     with torch.no_grad():
         cond = fam.encode_prompts(pipe, PROMPTS[:1], "cpu")
         mine = fam.predict(pipe, denoiser, x, pipe.scheduler.timesteps[:1], cond)
@@ -205,13 +210,44 @@ def test_flow_objective_points_target_weights_and_prior_split():
         flow.sample_timesteps(scheduler, 2, "uniform")
 
 
-def test_flux2_klein_latents_are_normalized_as_the_pipeline_encodes_images():
-    """Patchified, then batch-norm statistics (random in the tiny VAE, so a wrong order or axis shows)."""
-    fam = family("flux2_klein")
+# The pipeline of each family whose `_encode_vae_image` turns pixels into normalized training latents
+# (sd3 shares flux's shift-and-scale rule; sd15 shares the trainer's SDXL rule).
+IMAGE_ENCODERS = {"flux": "FluxImg2ImgPipeline", "flux2_klein": "Flux2KleinPipeline", "qwen_image": "QwenImageImg2ImgPipeline"}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_ENCODERS))
+def test_latents_are_normalized_as_the_familys_pipelines_encode_images(name):
+    """shift/scale, FLUX.2's patchify and batch-norm statistics, Qwen's per-channel mean/std on its frame
+    axis (random statistics in the tiny VAEs, so a wrong order or axis shows)."""
+    import diffusers
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    fam = family(name)
     pipe = fam.build_tiny()
+    encoder = getattr(diffusers, IMAGE_ENCODERS[name])(**pipe.components)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        mine = fam.normalize_latents(pipe, _latent_sample(fam, pipe, pixels))
-        theirs = pipe._encode_vae_image(pixels, torch.Generator().manual_seed(0))
-    assert mine.shape == (2, 4 * fam.LATENT_CHANNELS, 4, 4)
+        dist = DiagonalGaussianDistribution(fam.vae_encode(pipe, pixels))
+        raw = dist.mode() if getattr(fam, "LATENTS", "sample") == "mode" else dist.sample(torch.Generator().manual_seed(0))
+        mine = fam.normalize_latents(pipe, raw)
+        theirs = encoder._encode_vae_image(pixels.unsqueeze(2) if name == "qwen_image" else pixels,
+                                           torch.Generator().manual_seed(0))
     torch.testing.assert_close(mine, theirs)
+    assert mine.shape != raw.shape or not torch.allclose(mine, raw)  # the normalization did something
+
+
+def test_qwen_rows_cached_apart_join_into_the_batchs_conditioning():
+    """Qwen's prompts encode to their own lengths; rows encoded one by one and joined by `concat_cond`
+    (the trainer's per-prompt cache) must predict what the batch encoded at once predicts."""
+    fam = family("qwen_image")
+    pipe = fam.build_tiny()
+    prompts = ["a dog", "a photo of a very small dog on a red sofa"]
+    with torch.no_grad():
+        together = fam.encode_prompts(pipe, prompts, "cpu")
+        apart = fam.concat_cond([fam.encode_prompts(pipe, [p], "cpu") for p in prompts])
+        assert together["prompt_embeds_mask"].sum(1).tolist() == apart["prompt_embeds_mask"].sum(1).tolist()
+        assert not together["prompt_embeds_mask"].all()
+        x = torch.randn(2, fam.LATENT_CHANNELS, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([200.0, 800.0])
+        torch.testing.assert_close(fam.predict(pipe, pipe.transformer, x, t, apart),
+                                   fam.predict(pipe, pipe.transformer, x, t, together), rtol=1e-5, atol=1e-5)
