@@ -162,21 +162,24 @@ def test_a_few_gralora_steps_lower_the_familys_loss(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_peft_lora_file_with_component_prefixes_loads_through_the_stock_loader(name, tmp_path):
-    """`<component>.<module>.lora_A.weight` / `lora_B.weight` is what the family's `load_lora_weights`
-    reads: the loaded pipeline reproduces the one carrying the PEFT adapter, and differs from the base."""
+    """`<component>.<module>.lora_A.weight` / `lora_B.weight`, for the denoiser and every trainable text
+    encoder, is what the family's `load_lora_weights` reads: the loaded pipeline reproduces the one
+    carrying the PEFT adapters, and differs from the base."""
     fam = family(name)
     base = image(fam.build_tiny(), **CALL_KWARGS[name])
     adapted = fam.build_tiny()
-    denoiser = denoiser_of(name, adapted)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(4)
-        denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                        target_modules=list(fam.PRESETS[fam.DENOISER]["attn"])))
-    for n, p in denoiser.named_parameters():  # init_lora_weights=False draws B like A; keep it moderate
-        if "lora_B" in n:
-            p.data.mul_(0.1)
+    state = {}
+    for i, component in enumerate((fam.DENOISER, *fam.TRAINABLE_TEXT_ENCODERS)):
+        model = getattr(adapted, component)
+        preset = "attn"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4 + i)
+            model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(fam.PRESETS[component][preset])))
+        for n, p in model.named_parameters():  # init_lora_weights=False draws B like A; keep it moderate
+            if "lora_B" in n:
+                p.data.mul_(0.1 if component == fam.DENOISER else 0.5)
+        state.update({f"{component}.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()})
     expected = image(adapted, **CALL_KWARGS[name])
-    state = {f"{fam.DENOISER}.{k}": v.contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
     assert state and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in state)
     save_file(state, tmp_path / "pytorch_lora_weights.safetensors")
     fresh = fam.build_tiny()
@@ -184,6 +187,25 @@ def test_peft_lora_file_with_component_prefixes_loads_through_the_stock_loader(n
     got = image(fresh, **CALL_KWARGS[name])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.abs(got - base).max() > 1e-3
+    # every component took its part: dropping one changes the image
+    for component in fam.TRAINABLE_TEXT_ENCODERS:
+        getattr(fresh, component).disable_adapters()
+        assert np.abs(image(fresh, **CALL_KWARGS[name]) - got).max() > 1e-4, component
+        getattr(fresh, component).enable_adapters()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_pipeline_survives_save_pretrained(name, tmp_path):
+    """Tokenizers built offline (CLIP, T5, Qwen with its chat template) and models reload from a
+    diffusers folder (what `make-tiny` writes) and give the same image."""
+    import diffusers
+
+    fam = family(name)
+    pipe = fam.build_tiny()
+    pipe.save_pretrained(tmp_path)
+    again = getattr(diffusers, fam.PIPELINE_CLASS).from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(image(again, **CALL_KWARGS[name]), image(pipe, **CALL_KWARGS[name]), atol=1e-5)
 
 
 def test_flow_objective_points_target_weights_and_prior_split():
