@@ -17,11 +17,14 @@ from pathlib import Path
 from .adapter_file import atomic_write, read_adapter_file
 from .constants import CARD_NAME, IMAGE_SUFFIXES, WEIGHT_NAME
 from .constants import LORA_WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
+from .bases import DEFAULT_FAMILY, get_family
 from .errors import AdapterFileError, HubError
 from .export import export_lora, format_size
 from .info import adapter_info
 
-TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
+TAGS = ["gralora", "text-to-image", "diffusers", "template:sd-lora"]  # and the family's model tag (FAMILY_TAGS)
+FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux", "flux2-klein": "flux2",
+               "qwen-image": "qwen-image"}
 
 
 def _sample_images(folder: Path) -> list[str]:
@@ -91,6 +94,7 @@ def save_model_card(
     source = folder / WEIGHT_NAME
     adapter = read_adapter_file(source)
     info = adapter_info(source)
+    family = get_family(info["family"] or DEFAULT_FAMILY)
     base_model = base_model or adapter.base_model
     instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
     if training is None and adapter.metadata.get("training"):
@@ -109,12 +113,12 @@ def save_model_card(
         base_model=base_model,
         library_name="diffusers",
         license=license,
-        tags=TAGS,
+        tags=[*TAGS[:2], FAMILY_TAGS.get(family.name, family.name), *TAGS[2:]],
         instance_prompt=instance_prompt,
         widget=[{"text": p, "output": {"url": i}} for p, i in zip(prompts, samples)] or None,
     )
     body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
-                      info["components"].get("unet", {}).get("k", "k"))
+                      info["components"].get(family.denoiser, {}).get("k", "k"), family)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = folder / CARD_NAME
     atomic_write(path, lambda tmp: card.save(tmp))
@@ -137,10 +141,15 @@ def _adapter_rows(info: dict) -> dict:
     return adapter_rows
 
 
-def _card_body(name, where, base_model, instance_prompt, grid, adapter_rows: dict, training, k) -> str:
+def _card_body(name, where, base_model, instance_prompt, grid, adapter_rows: dict, training, k, family) -> str:
     """The card's Markdown below the front matter."""
+    from .bases import scale_kwargs
+
     prompt = instance_prompt or "a photo"
     base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    pipeline_class = family.pipeline_class_name
+    scale_kwarg = next(iter(scale_kwargs(family.pipeline_class, 1.0)))
+    dtype = "float16" if family.denoiser == "unet" else "bfloat16"  # the DiTs are published and run in bf16
     # Any prompt or path makes valid code: json.dumps is a valid Python string literal; shlex.quote for the shell.
     py_base, py_where, py_prompt, sh_where = json.dumps(base), json.dumps(where), json.dumps(prompt), shlex.quote(where)
     trigger = f" Trigger prompt: `{instance_prompt}`." if instance_prompt else ""
@@ -158,13 +167,13 @@ the parameters of LoRA rank r, an update of rank up to k·r.
 
 ```python
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import {pipeline_class}
 import gralora_diffusion as gd
 
-pipe = StableDiffusionXLPipeline.from_pretrained({py_base}, torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained({py_base}, torch_dtype=torch.{dtype}).to("cuda")
 gd.patch_pipeline(pipe)
 pipe.load_gralora_weights({py_where})
-image = pipe({py_prompt}, cross_attention_kwargs={{"scale": 1.0}}).images[0]
+image = pipe({py_prompt}, {scale_kwarg}={{"scale": 1.0}}).images[0]
 ```
 
 ## Export to plain LoRA (ComfyUI, A1111, stock diffusers)
