@@ -173,7 +173,7 @@ import gralora_diffusion as gd
 pipe = {pipeline_class}.from_pretrained({py_base}, torch_dtype=torch.{dtype}).to("cuda")
 gd.patch_pipeline(pipe)
 pipe.load_gralora_weights({py_where})
-image = pipe({py_prompt}, {scale_kwarg}={{"scale": 1.0}}).images[0]
+image = pipe(prompt={py_prompt}, {scale_kwarg}={{"scale": 1.0}}).images[0]
 ```
 
 ## Export to plain LoRA (ComfyUI, A1111, stock diffusers)

@@ -36,7 +36,7 @@ def pixels(pipe, **kwargs):
 
     extra = scale_kwargs(pipe, kwargs.pop("scale")) if "scale" in kwargs else {}
     with torch.no_grad():
-        out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **extra,
+        out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **extra,
                    **call_kwargs(pipe, num_inference_steps=2, guidance_scale=4.0, height=64, width=64)).images
     return torch.from_numpy(out)
 
@@ -75,7 +75,8 @@ def test_registry_is_complete():
 def test_tiny_pipeline_is_the_family_and_detected_from_its_folder(family, tmp_path):
     pipe = gd.tiny_pipeline(family)
     assert family_of_pipeline(pipe).name == family
-    assert get_family(family).default_resolution(pipe) == 64
+    size = get_family(family).default_resolution(pipe)
+    assert size % 8 == 0 and (size == 64 or get_family(family).denoiser == "transformer")  # DiTs: their pipeline's default
     gd.bases.save_tiny(family, tmp_path / "m")
     assert base_family(tmp_path / "m").name == family  # model_index.json's _class_name
     loaded, fam = load_base(str(tmp_path / "m"), say=None)
@@ -114,11 +115,11 @@ def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch(family):
 
     optimizer = torch.optim.Adam(params, lr=1e-2)
     first = loss()
-    for _ in range(5):
+    for _ in range(10):
         optimizer.zero_grad()
         loss().backward()
         optimizer.step()
-    assert torch.isfinite(first) and loss().item() < 0.95 * first.item()
+    assert torch.isfinite(first) and loss().item() < 0.99 * first.item()
 
 
 def test_save_then_load_into_a_fresh_pipeline_gives_the_same_images(saved):
@@ -177,7 +178,7 @@ def test_generate_info_and_evaluate_run(saved, tmp_path):
     from gralora_diffusion.generate import generate_samples
 
     family, _, path = saved
-    result = generate_samples("tiny", adapters=[(str(path), 1.0)], prompts=[PROMPT], output_dir=tmp_path / "gen", steps=1,
+    result = generate_samples("tiny", adapters=[(str(path), 1.0)], prompts=[PROMPT], output_dir=tmp_path / "gen", steps=2,
                               scales=[0.0, 1.0], height=64, width=64, progress=False, family=family)
     assert result.grid.is_file() and len(result.images) == 2 and all(p.is_file() for p in result.images)
     info = gd.adapter_info(path)
@@ -187,7 +188,7 @@ def test_generate_info_and_evaluate_run(saved, tmp_path):
     def mean_pixel(images, prompts):
         return {"mean": sum(float(torch.tensor(list(i.getdata()), dtype=torch.float32).mean()) for i in images) / len(images)}
 
-    ev = evaluate_adapter("tiny", [str(path)], prompts=[PROMPT], seeds=[0], steps=1, resolution=64, scorers=[mean_pixel],
+    ev = evaluate_adapter("tiny", [str(path)], prompts=[PROMPT], seeds=[0], steps=2, resolution=64, scorers=[mean_pixel],
                           output_dir=tmp_path / "ev", progress=False, family=family)
     assert [v.name for v in ev.variants] == ["base", path.parent.name] and ev.grid.is_file()
     assert ev.variants[0].metrics["mean"] != ev.variants[1].metrics["mean"]
@@ -196,17 +197,22 @@ def test_generate_info_and_evaluate_run(saved, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_takes_tiny_of_each_family_by_name(family, tmp_path):
     """`train --pretrained_model_name_or_path tiny --family NAME`: the trainer loads the base itself
-    (bases.load_base), trains the family's denoiser, and the file says its family."""
+    (bases.load_base), trains the family's denoiser and its trainable (CLIP) text encoders, and the file
+    says its family; it then loads into a fresh pipeline of the family."""
     from gralora_diffusion.train import TrainConfig, train
 
+    fam = get_family(family)
     cfg = TrainConfig(pretrained_model_name_or_path="tiny", family=family, instance_data_dir=str(SAMPLES), instance_prompt=PROMPT,
                       output_dir=str(tmp_path / "out"), resolution=64, train_batch_size=1, max_train_steps=2, rank=4, seed=0,
-                      report_to="none", checkpointing_steps=1000)
+                      report_to="none", checkpointing_steps=1000, train_text_encoder=bool(fam.trainable_text_encoders))
     result = train(cfg)
     with safe_open(str(result.weights_path), "pt") as f:
         meta = f.metadata()
-    assert meta["family"] == family and list(json.loads(meta["gralora_configs"])) == [get_family(family).denoiser]
+    assert meta["family"] == family and list(json.loads(meta["gralora_configs"])) == [fam.denoiser, *fam.trainable_text_encoders]
     assert len(result.losses) == 2 and all(map(lambda x: x == x, result.losses))
+    fresh = patch_pipeline(gd.tiny_pipeline(family))
+    fresh.load_gralora_weights(str(result.weights_path))
+    assert set(fresh.list_gralora_adapters()) == {fam.denoiser, *fam.trainable_text_encoders}
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ text ids zeros, image ids the latent grid."""
 
 from __future__ import annotations
 
-from ..constants import TEXT_ENCODER_PRESETS
+from .sdxl import TEXT_ENCODER_PRESETS
 from .vae import shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "FluxPipeline"

@@ -5,8 +5,8 @@ encoder's last hidden state as the UNet's context."""
 
 from __future__ import annotations
 
-from ..constants import TEXT_ENCODER_PRESETS, UNET_PRESETS
-from .vae import vae_encode  # noqa: F401 (the family's contract)
+from .sdxl import TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .vae import scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 DENOISER = "unet"
@@ -47,12 +47,6 @@ def build_tiny(seed: int = 0):
 def encode_prompts(pipe, prompts, device):
     embeds, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
     return {"prompt_embeds": embeds}
-
-
-def normalize_latents(pipe, latents):
-    from ..train.loss import normalize_latents as scale
-
-    return scale(latents, pipe.vae.config)
 
 
 def predict(pipe, denoiser, noisy_latents, timesteps, cond):

@@ -8,7 +8,7 @@ the script's 77 would condition training on other padding than inference)."""
 
 from __future__ import annotations
 
-from ..constants import TEXT_ENCODER_PRESETS
+from .sdxl import TEXT_ENCODER_PRESETS
 from .vae import shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
