@@ -16,7 +16,7 @@ import gralora_diffusion as gd
 from gralora_diffusion.bases import (FAMILY_NAMES, available_families, base_family, family_of_pipeline, get_family,
                                      load_base, render)
 from gralora_diffusion.constants import COMPONENTS, WEIGHT_NAME
-from gralora_diffusion.errors import AdapterFileError, GraloraConfigError
+from gralora_diffusion.errors import AdapterFileError, ExportError, GraloraConfigError
 from gralora_diffusion.loader import patch_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,6 +155,12 @@ def test_exact_export_loads_with_the_familys_stock_load_lora_weights(saved, tmp_
     stock = gd.tiny_pipeline(family)  # diffusers' own pipeline class and loader
     stock.load_lora_weights(str(tmp_path / "lora.safetensors"))
     assert (pixels(stock) - pixels(pipe)).abs().max() <= 1e-5
+    if get_family(family).kohya is None:  # kohya/ComfyUI names only where the family defines them
+        with pytest.raises(ExportError, match=f"a {family} adapter; kohya/ComfyUI key names are written here for sdxl only"):
+            gd.export_lora(path, tmp_path / "kohya.safetensors", format="kohya")
+        assert not (tmp_path / "kohya.safetensors").exists()
+    else:
+        assert gd.export_lora(path, tmp_path / "kohya.safetensors", format="kohya").exact
 
 
 def test_an_adapter_for_another_family_is_one_line_naming_both(saved, tmp_path):
@@ -229,3 +235,28 @@ def test_make_tiny_family_and_train_world_from_the_command_line(tmp_path):
     assert run.returncode == 0, run.stderr
     with safe_open(str(tmp_path / "w" / WEIGHT_NAME), "pt") as f:
         assert f.metadata()["family"] == "sdxl" and f.metadata()["base_model"] == "world"
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    from gralora_diffusion.tiny_scorers import save_tiny_scorers
+
+    return [str(p) for p in save_tiny_scorers(tmp_path_factory.mktemp("scorers"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compare_gralora_against_lora_on_each_family(family, tmp_path, scorers):
+    """`compare --pretrained_model_name_or_path tiny --family NAME`: both variants train (the LoRA baseline saved
+    with the family's own save_lora_weights, read back by its load_lora_weights) and are scored."""
+    from gralora_diffusion.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--pretrained_model_name_or_path", "tiny", "--family", family, "--instance_data_dir", str(SAMPLES),
+                 "--instance_prompt", PROMPT, "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "2",
+                 "--num_inference_steps", "2", "--report_to", "none", "--output_dir", str(out), "--dino_model", scorers[0],
+                 "--clip_model", scorers[1], "--eval_seeds", "0", "--eval_prompt", PROMPT, "--num_threads", "1",
+                 "--variants", "gralora:r=4,k=2", "lora:r=4"]) == 0
+    entries = json.loads((out / "results.json").read_text())
+    assert [e["kind"] for e in entries] == ["gralora", "lora"] and entries[0]["parameters"] == entries[1]["parameters"] > 0
+    assert all(isinstance(e["metrics"]["dino"]["mean"], float) for e in entries) and (out / "grid.png").is_file()
