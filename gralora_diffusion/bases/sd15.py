@@ -5,7 +5,7 @@ encoder's last hidden state as the UNet's context."""
 
 from __future__ import annotations
 
-from ..constants import TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .sdxl import TEXT_ENCODER_PRESETS, UNET_PRESETS, normalize_latents  # noqa: F401 (scaling_factor, as SDXL)
 from .vae import vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
@@ -44,15 +44,13 @@ def build_tiny(seed: int = 0):
     return pipe
 
 
-def encode_prompts(pipe, prompts, device):
-    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
+def encode_prompts(pipe, prompts, device, text_encoders=None):
+    """The pipeline's `encode_prompt`; `text_encoders`: the trainer's TRAINABLE_TEXT_ENCODERS, in order (default the pipeline's)."""
+    from .encoders import text_encoders_in
+
+    with text_encoders_in(pipe, TRAINABLE_TEXT_ENCODERS, text_encoders):
+        embeds, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
     return {"prompt_embeds": embeds}
-
-
-def normalize_latents(pipe, latents):
-    from ..train.loss import normalize_latents as scale
-
-    return scale(latents, pipe.vae.config)
 
 
 def predict(pipe, denoiser, noisy_latents, timesteps, cond):

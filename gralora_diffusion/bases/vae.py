@@ -1,5 +1,6 @@
-"""VAE steps several families share: encoding pixels to the latent distribution's parameters (what
-the trainer caches), and the (x - shift_factor)·scaling_factor normalization of SD3 and FLUX.1."""
+"""Latent-space rules several families share: encoding pixels to the latent distribution's parameters
+(what the trainer caches), the (x - shift_factor)·scaling_factor normalization of SD3 and FLUX.1, and
+the default image size of DiT pipelines whose denoiser config has no sample_size."""
 
 from __future__ import annotations
 
@@ -11,3 +12,10 @@ def vae_encode(pipe, pixels):
 def shift_and_scale(pipe, latents):
     config = pipe.vae.config
     return (latents - config.shift_factor) * config.scaling_factor
+
+
+def default_resolution(pipe) -> int:
+    """What a DiT pipeline without a `sample_size` in its denoiser's config renders by default:
+    its `default_sample_size` latents times the VAE factor (1024 px for FLUX and Qwen-Image; the tiny
+    builders set 8, so 64 px, on the pipeline object)."""
+    return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
