@@ -273,3 +273,27 @@ def test_qwen_rows_cached_apart_join_into_the_batchs_conditioning():
         t = torch.tensor([200.0, 800.0])
         torch.testing.assert_close(fam.predict(pipe, pipe.transformer, x, t, apart),
                                    fam.predict(pipe, pipe.transformer, x, t, together), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if family(n).TRAINABLE_TEXT_ENCODERS])
+def test_encode_prompts_runs_the_trainers_text_encoders_with_gradients(name):
+    """`text_encoders` (the trainer's, in TRAINABLE_TEXT_ENCODERS order) are the ones the pipeline's
+    encode_prompt runs, gradients reach them, and the pipeline keeps its own afterwards."""
+    import copy
+
+    fam = family(name)
+    pipe = fam.build_tiny()
+    own = [getattr(pipe, c) for c in fam.TRAINABLE_TEXT_ENCODERS]
+    trainers = [copy.deepcopy(m).requires_grad_(True) for m in own]
+    with torch.no_grad():
+        for m in trainers:
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        before = fam.encode_prompts(pipe, PROMPTS, "cpu")
+    after = fam.encode_prompts(pipe, PROMPTS, "cpu", text_encoders=trainers)
+    assert [getattr(pipe, c) for c in fam.TRAINABLE_TEXT_ENCODERS] == own
+    assert not torch.allclose(after["prompt_embeds"], before["prompt_embeds"])
+    sum(v.sum() for v in after.values()).backward()
+    for m in trainers:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    assert all(p.grad is None for m in own for p in m.parameters())

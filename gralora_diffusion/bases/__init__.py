@@ -13,7 +13,9 @@ A family is one module `bases/<name>.py` (name with `_` for `-`) holding data pl
     normalize_latents(pipe, latents)            -> latents as the family's training script scales them
     predict(pipe, denoiser, noisy, timesteps, cond) -> the prediction, same (unpacked) layout as `noisy`
     optional: EMBEDDED {name: "module:function"} (more embedded bases, e.g. sdxl's `world`),
-              KOHYA (kohya/ComfyUI key rules), decode_outside_autocast (bool)
+              KOHYA (kohya/ComfyUI key rules), DECODE_OUTSIDE_AUTOCAST (bool), WEIGHTING_SCHEME (flow),
+              concat_cond(rows) (join cached conditioning rows of different lengths),
+              default_resolution(pipe)
 
 Adding a family is adding its module and its name to FAMILY_NAMES; the loader, the trainer loop and
 the CLI read it through `Family`. This module imports no torch (the CLI's parser reads FAMILY_NAMES);
@@ -129,7 +131,11 @@ class Family:
         factor: what the pipeline renders when no height/width is given."""
         if hasattr(self.module, "default_resolution"):
             return self.module.default_resolution(pipe)
-        size = getattr(getattr(pipe, self.denoiser).config, "sample_size", None) or pipe.default_sample_size
+        size = getattr(getattr(pipe, self.denoiser).config, "sample_size", None)
+        if size is None:
+            from .vae import default_resolution
+
+            return default_resolution(pipe)
         size = size[0] if isinstance(size, (list, tuple)) else size
         factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return int(size) * int(factor)

@@ -8,7 +8,7 @@ text ids zeros, image ids the latent grid."""
 from __future__ import annotations
 
 from .sdxl import TEXT_ENCODER_PRESETS
-from .vae import shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
+from .vae import default_resolution, shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "FluxPipeline"
 DENOISER = "transformer"
@@ -61,13 +61,18 @@ def build_tiny(seed: int = 0):
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     for model in (transformer, vae, text_encoder, text_encoder_2):
         model.eval()
+    pipe.default_sample_size = 8  # 64 px by default, as the other tiny families (not saved: a folder renders 1024)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def encode_prompts(pipe, prompts, device):
-    # text_ids (zeros, not batch-first) are rebuilt in `predict`.
-    embeds, pooled, _ = pipe.encode_prompt(list(prompts), device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+def encode_prompts(pipe, prompts, device, text_encoders=None):
+    """The pipeline's `encode_prompt`; `text_encoders`: the trainer's TRAINABLE_TEXT_ENCODERS, in order (default the pipeline's)."""
+    from .encoders import text_encoders_in
+
+    with text_encoders_in(pipe, TRAINABLE_TEXT_ENCODERS, text_encoders):
+        # text_ids (zeros, not batch-first) are rebuilt in `predict`.
+        embeds, pooled, _ = pipe.encode_prompt(list(prompts), device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 

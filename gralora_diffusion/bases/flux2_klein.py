@@ -10,7 +10,7 @@ images with the latent distribution's mode, not a sample (LATENTS)."""
 
 from __future__ import annotations
 
-from .vae import vae_encode  # noqa: F401 (the family's contract)
+from .vae import default_resolution, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "Flux2KleinPipeline"
 DENOISER = "transformer"
@@ -60,6 +60,7 @@ def build_tiny(seed: int = 0):
                               transformer=transformer, is_distilled=False)
     for model in (transformer, vae, text_encoder):
         model.eval()
+    pipe.default_sample_size = 8  # 64 px by default, as the other tiny families (not saved: a folder renders 1024)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

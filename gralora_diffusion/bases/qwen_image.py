@@ -8,6 +8,7 @@ packed for the transformer with img_shapes, timestep/1000, the prompt mask (None
 
 from __future__ import annotations
 
+from .vae import default_resolution  # noqa: F401 (the family's contract)
 from .vae import vae_encode as _vae_encode
 
 PIPELINE_CLASS = "QwenImagePipeline"
@@ -60,6 +61,7 @@ def build_tiny(seed: int = 0):
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     for model in (transformer, vae, text_encoder):
         model.eval()
+    pipe.default_sample_size = 8  # 64 px by default, as the other tiny families (not saved: a folder renders 1024)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

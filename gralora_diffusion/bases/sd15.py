@@ -5,8 +5,8 @@ encoder's last hidden state as the UNet's context."""
 
 from __future__ import annotations
 
-from .sdxl import TEXT_ENCODER_PRESETS, UNET_PRESETS
-from .vae import scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
+from .sdxl import TEXT_ENCODER_PRESETS, UNET_PRESETS, normalize_latents  # noqa: F401 (scaling_factor, as SDXL)
+from .vae import vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 DENOISER = "unet"
@@ -44,8 +44,12 @@ def build_tiny(seed: int = 0):
     return pipe
 
 
-def encode_prompts(pipe, prompts, device):
-    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
+def encode_prompts(pipe, prompts, device, text_encoders=None):
+    """The pipeline's `encode_prompt`; `text_encoders`: the trainer's TRAINABLE_TEXT_ENCODERS, in order (default the pipeline's)."""
+    from .encoders import text_encoders_in
+
+    with text_encoders_in(pipe, TRAINABLE_TEXT_ENCODERS, text_encoders):
+        embeds, _ = pipe.encode_prompt(list(prompts), device, 1, do_classifier_free_guidance=False)
     return {"prompt_embeds": embeds}
 
 

@@ -64,8 +64,12 @@ def build_tiny(seed: int = 0):
     return pipe
 
 
-def encode_prompts(pipe, prompts, device):
-    embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device, do_classifier_free_guidance=False)
+def encode_prompts(pipe, prompts, device, text_encoders=None):
+    """The pipeline's `encode_prompt`; `text_encoders`: the trainer's TRAINABLE_TEXT_ENCODERS, in order (default the pipeline's)."""
+    from .encoders import text_encoders_in
+
+    with text_encoders_in(pipe, TRAINABLE_TEXT_ENCODERS, text_encoders):
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device, do_classifier_free_guidance=False)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
