@@ -197,7 +197,7 @@ import gralora_diffusion as gd
 pipe = {pipeline_class}.from_pretrained({py_base}, torch_dtype=torch.{dtype}).to("cuda")
 gd.patch_pipeline(pipe)
 pipe.load_gralora_weights({py_where})
-image = pipe({py_prompt}, {scale_kwarg}={{"scale": 1.0}}).images[0]"""
+image = pipe(prompt={py_prompt}, {scale_kwarg}={{"scale": 1.0}}).images[0]"""
     sh_code = f"""gralora-diffusion export-lora {sh_where} lora.safetensors                    # diffusers keys, exact
 gralora-diffusion export-lora {sh_where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
 gralora-diffusion export-lora {sh_where} lora_r16.safetensors --svd_rank 16      # smaller, SVD-truncated"""

@@ -204,7 +204,7 @@ def test_prior_loss_uses_both_halves():
 def test_latents_mean_and_std_are_honoured_both_ways():
     from types import SimpleNamespace
 
-    from gralora_diffusion.bases.sdxl import normalize_latents as normalize
+    from gralora_diffusion.bases.vae import scale as normalize
     from gralora_diffusion.train.sampling import latent_stats
 
     def normalize_latents(latents, config):

@@ -13,7 +13,9 @@ A family is one module `bases/<name>.py` (name with `_` for `-`) holding data pl
     normalize_latents(pipe, latents)            -> latents as the family's training script scales them
     predict(pipe, denoiser, noisy, timesteps, cond) -> the prediction, same (unpacked) layout as `noisy`
     optional: EMBEDDED {name: "module:function"} (more embedded bases, e.g. sdxl's `world`),
-              KOHYA (kohya/ComfyUI key rules), decode_outside_autocast (bool)
+              KOHYA (kohya/ComfyUI key rules), DECODE_OUTSIDE_AUTOCAST (bool), WEIGHTING_SCHEME (flow),
+              concat_cond(rows) (join cached conditioning rows of different lengths),
+              default_resolution(pipe)
 
 Adding a family is adding its module and its name to FAMILY_NAMES; the loader, the trainer loop and
 the CLI read it through `Family`. This module imports no torch (the CLI's parser reads FAMILY_NAMES);
@@ -125,10 +127,15 @@ class Family:
         return annotation if isinstance(annotation, type) else None
 
     def default_resolution(self, pipe) -> int:
-        """The denoiser's sample size times the VAE's scale factor (what the pipeline renders by default)."""
-        if hasattr(self.module, "default_resolution"):  # a DiT whose config has no sample_size says its own
+        """The denoiser's sample size (a DiT's: the pipeline's `default_sample_size`) times the VAE's scale
+        factor: what the pipeline renders when no height/width is given."""
+        if hasattr(self.module, "default_resolution"):
             return self.module.default_resolution(pipe)
-        size = getattr(pipe, self.denoiser).config.sample_size
+        size = getattr(getattr(pipe, self.denoiser).config, "sample_size", None)
+        if size is None:
+            from .vae import default_resolution
+
+            return default_resolution(pipe)
         size = size[0] if isinstance(size, (list, tuple)) else size
         factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return int(size) * int(factor)
@@ -231,7 +238,7 @@ def render(pipe, prompt: str, seed: int, steps: int, guidance: float, height=Non
         raise GraloraConfigError(f"{type(pipe).__name__} takes no negative prompt; leave --negative-prompt out.")
     if scale is not None:
         kwargs |= scale_kwargs(pipe, scale)
-    return pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs).images[0]
+    return pipe(prompt=prompt, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs).images[0]
 
 
 from .load import base_family, default_device_dtype, load_base, save_tiny, tiny_pipeline  # noqa: E402

@@ -4,6 +4,8 @@ behaviour is the one the package always had (presets, conditioning, latents, koh
 
 from __future__ import annotations
 
+from .vae import scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
+
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 DENOISER = "unet"
 OBJECTIVE = "ddpm"
@@ -45,21 +47,6 @@ def encode_prompts(pipe, prompts: list[str], device, text_encoders=None) -> dict
         hidden.append(out.hidden_states[-2])
         pooled = out[0]
     return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
-
-
-def vae_encode(pipe, pixels):
-    return pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.parameters
-
-
-def normalize_latents(pipe, latents):
-    """scaling_factor, and latents_mean/std when the VAE declares them (the pipeline undoes the same)."""
-    from ..train.sampling import latent_stats
-
-    config = pipe.vae.config
-    stats = latent_stats(config, latents)
-    if stats is None:
-        return latents * config.scaling_factor
-    return (latents - stats[0]) * config.scaling_factor / stats[1]
 
 
 def predict(pipe, denoiser, noisy, timesteps, cond):

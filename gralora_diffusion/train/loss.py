@@ -74,8 +74,10 @@ class BatchLoss:
         if missing:
             with torch.no_grad():
                 encoded = self.encode(missing)
-            self.text_cache.update({p: {k: v[i] for k, v in encoded.items()} for i, p in enumerate(missing)})
-        return {k: torch.stack([self.text_cache[p][k] for p in prompts]) for k in self.text_cache[prompts[0]]}
+            self.text_cache.update({p: {k: v[i:i + 1] for k, v in encoded.items()} for i, p in enumerate(missing)})
+        rows = [self.text_cache[p] for p in prompts]
+        join = getattr(self.family.module, "concat_cond", None)  # rows of different lengths (Qwen-Image's prompts)
+        return join(rows) if join else {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
 
     def __call__(self, batch):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

@@ -45,7 +45,7 @@ def generate_images(pipeline, prompts: list[str], generators: list, resolution: 
     manual_decode = family is None or family.decode_outside_autocast
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         with autocast():
-            images = pipeline(prompts, num_inference_steps=steps, height=resolution, width=resolution,
+            images = pipeline(prompt=prompts, num_inference_steps=steps, height=resolution, width=resolution,
                               generator=generators, output_type="latent" if manual_decode else "pil",
                               callback_on_step_end=callback if on_step is not None else None).images
         if not manual_decode:  # the pipeline unpacks and decodes its own latents (packed DiT layouts)
