@@ -358,7 +358,12 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     announce()  # the CPU thread rule, for Python callers too
     scorers = instance_scorers(cfg.instance_data_dir, cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
     with quiet_libraries():
-        pipe, _ = load_base(base, cfg.family)
+        pipe, family = load_base(base, cfg.family)
+    if cfg.resolution is None:  # the base's own size for every run and the evaluation, said once
+        cfg.resolution = family.default_resolution(pipe)
+        for _, rcfg in runs:
+            rcfg.resolution = cfg.resolution
+        print(f"Resolution: {cfg.resolution} px, the base's own (sample size x VAE factor); change with --resolution N")
     ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution)
     bar = tqdm(total=len(runs) * estimated_steps(cfg) + (len(runs) + 1) * ev.images, desc="compare", unit="step",
                disable=not progress)

@@ -42,3 +42,42 @@ def test_printing_a_train_result_is_short():
 
     result = TrainResult("out", "out/a.safetensors", 10, losses=[0.1] * 1000, pipeline=gd.tiny_sdxl_pipeline(seed=0))
     assert len(repr(result)) < 300
+
+
+def test_resolution_defaults_to_the_bases_own(tmp_path, capsys):
+    """No --resolution: the base's sample size x VAE factor (64 for tiny), not SDXL's 1024."""
+    import yaml
+
+    from gralora_diffusion.train import train
+
+    cfg = TrainConfig(pretrained_model_name_or_path="tiny", instance_data_dir=str(SAMPLES), instance_prompt=PROMPT,
+                      output_dir=str(tmp_path / "run"), train_batch_size=1, max_train_steps=1, rank=4, seed=0,
+                      report_to="none", checkpointing_steps=100)
+    assert cfg.resolution is None
+    train(cfg)
+    assert cfg.resolution == 64
+    assert "Resolution: 64 px, the base's own" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "run" / "training_config.yaml").read_text())
+    assert saved["resolution"] == 64
+
+
+def test_a_local_base_is_recorded_absolute_and_used_when_no_base_is_given(tmp_path, monkeypatch, capsys):
+    """Bases remembered: trained on a relative folder, the adapter records its absolute path, and
+    generate from another folder finds it without --base."""
+    from gralora_diffusion.bases import save_tiny
+    from gralora_diffusion.recorded_base import recorded_base
+    from gralora_diffusion.train import train
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny("sdxl", "models/tiny-sdxl")
+    train(TrainConfig(pretrained_model_name_or_path="models/tiny-sdxl", instance_data_dir=str(SAMPLES), instance_prompt=PROMPT,
+                      output_dir="run", train_batch_size=1, max_train_steps=1, rank=4, seed=0, report_to="none",
+                      checkpointing_steps=100))
+    adapter = tmp_path / "run" / "pytorch_gralora_weights.safetensors"
+    assert recorded_base(adapter) == str((tmp_path / "models" / "tiny-sdxl").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli_main(["generate", "--adapter", str(adapter), "--prompt", PROMPT, "--steps", "1", "--output_dir", "gen"]) == 0
+    assert f"Base model: {(tmp_path / 'models' / 'tiny-sdxl').resolve()} (recorded in" in capsys.readouterr().out

@@ -9,8 +9,9 @@ def add_arguments(parser):
 
     from ..bases import add_family_argument
 
-    parser.add_argument("--base", default="tiny", help="base model: Hub id, local folder, `tiny` (embedded, offline, random; default; "
-                                                      "of --family's kind) or `world` (embedded SDXL, pretrained on the drawn world)")
+    parser.add_argument("--base", default=None, help="base model: Hub id, local folder, `tiny` (embedded, offline, random; "
+                                                    "of --family's kind) or `world` (embedded SDXL, pretrained on the drawn world); "
+                                                    "default: the base the first GraLoRA adapter records, else tiny")
     add_family_argument(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
                         help="GraLoRA or plain LoRA file, folder or Hub id, each scored alone; repeat for several")
@@ -44,11 +45,14 @@ def _adapter(text: str):
 def run(args) -> int:
     from ..evaluate import evaluate_adapter, format_table, parse_seeds
     from ..generate import read_prompts
+    from ..recorded_base import default_base
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     seeds = parse_seeds(args.seeds)
+    adapters = [_adapter(a) for a in args.adapter]
+    base = args.base or default_base([a[1] if isinstance(a, tuple) else a for a in adapters])
     result = evaluate_adapter(
-        base_model=args.base, adapters=[_adapter(a) for a in args.adapter], instance_data_dir=args.instance_data_dir,
+        base_model=base, adapters=adapters, instance_data_dir=args.instance_data_dir,
         subject=args.subject, prompts=prompts or None, identifier=args.identifier, seeds=seeds, steps=args.steps,
         guidance=args.guidance, resolution=args.resolution, negative_prompt=args.negative_prompt,
         dino_model=None if args.dino_model.lower() == "none" else args.dino_model,

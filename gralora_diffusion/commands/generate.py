@@ -8,8 +8,9 @@ HELP = "Generate images with GraLoRA (or plain LoRA) adapters: prompts x seeds x
 def add_arguments(parser):
     from ..bases import add_family_argument
 
-    parser.add_argument("--base", default="tiny", help="base model: Hub id, local folder, `tiny` (embedded, offline, random; default; "
-                                                      "of --family's kind) or `world` (embedded SDXL, pretrained on the drawn world)")
+    parser.add_argument("--base", default=None, help="base model: Hub id, local folder, `tiny` (embedded, offline, random; "
+                                                    "of --family's kind) or `world` (embedded SDXL, pretrained on the drawn world); "
+                                                    "default: the base the first GraLoRA adapter records, else tiny")
     add_family_argument(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="GraLoRA adapter or plain LoRA file (diffusers or kohya keys), its folder or a Hub id, optional "
@@ -51,8 +52,11 @@ def run(args) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise GraloraConfigError(f"--seeds {args.seeds!r}: give integers separated by commas.") from None
+    from ..recorded_base import default_base
+
+    adapters = [parse_adapter(a) for a in args.adapter]
     result = generate_samples(
-        base_model=args.base, adapters=[parse_adapter(a) for a in args.adapter], prompts=prompts,
+        base_model=args.base or default_base([path for path, _ in adapters]), adapters=adapters, prompts=prompts,
         output_dir=args.output_dir, negative_prompt=args.negative_prompt, seeds=seeds or [0], steps=args.steps,
         guidance=args.guidance, height=args.height, width=args.width, scales=parse_scales(args.scales),
         fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side, family=args.family,

@@ -48,7 +48,8 @@ class TrainConfig:
     num_class_images: int = _opt("class images wanted for prior preservation", default=100)
     prior_loss_weight: float = _opt("weight of the prior-preservation loss", default=1.0)
     sample_batch_size: int = _opt("batch size when generating class images", default=4)
-    resolution: int = _opt("training resolution in pixels (square side, or pixel budget with buckets)", default=1024)
+    resolution: int | None = _opt("training resolution in pixels (square side, or pixel budget with buckets); default: the "
+                                  "base's own (sample size x VAE factor: 1024 for SDXL, 64 for tiny and world)")
     center_crop: bool = _opt("center crop instead of random crop", default=False)
     random_flip: bool = _opt("flip images horizontally at random", default=False)
     aspect_buckets: str | None = _opt('aspect-ratio buckets: "auto", or "h,w;h,w;..." (diffusers\' parse_buckets_string)')
@@ -192,7 +193,7 @@ class TrainConfig:
             raise TrainConfigError("--pretrained_model_name_or_path is required (a Hub id or a local folder, e.g. from `gralora-diffusion make-tiny DIR`).")
         if not self.instance_data_dir:
             raise TrainConfigError("--instance_data_dir is required: the folder holding the images of your subject.")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise TrainConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
@@ -248,6 +249,8 @@ class TrainConfig:
 
         if not self.aspect_buckets:
             return None
+        if self.aspect_buckets == "auto" and self.resolution is None:
+            return None  # decided once the base is loaded and --resolution is known (train.loop.setup)
         if self.aspect_buckets == "auto":
             # 32 px: SDXL's UNet halves the 8x latents twice more.
             return generate_aspect_ratio_buckets(self.resolution, divisibility=32)

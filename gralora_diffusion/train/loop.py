@@ -203,6 +203,10 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         family = get_family(cfg.family) if cfg.family else family_of_pipeline(pipe)
         if family is None:
             raise TrainingError(f"train: a {type(pipe).__name__} belongs to no registered family; pass --family.")
+    if cfg.resolution is None:  # the base's own size (64 for tiny/world, 1024 for SDXL), said once
+        cfg.resolution = family.default_resolution(pipe)
+        if main:
+            tqdm.write(f"Resolution: {cfg.resolution} px, the base's own (sample size x VAE factor); change with --resolution N")
     freeze_and_place(cfg, pipe, device, weight_dtype)
     classes = class_images(cfg, accelerator, pipe)  # from the base model, before any adapter
 

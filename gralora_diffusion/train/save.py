@@ -50,7 +50,10 @@ def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[di
     state_dicts = {c: {k: cast(v, f"{c}.{k}") for k, v in sd.items()} for c, sd in state_dicts.items()}
     metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg, history)),
                 "family": family.name}
-    return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=cfg.pretrained_model_name_or_path, metadata=metadata)
+    from ..recorded_base import record
+
+    return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=record(cfg.pretrained_model_name_or_path),
+                             metadata=metadata)
 
 
 def training_summary(cfg, history: list[dict] | None = None) -> dict:
