@@ -120,6 +120,15 @@ def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEF
 
     from .metrics import ClipEmbedder, DinoEmbedder, DreamBoothScorer
 
+    if base_model in BASE_SCORERS:  # the base scores itself: default metric models it lacks are left out, said once
+        skipped = [f"{flag} {name}" for flag, name, default in (("--dino_model", dino_model, DEFAULT_DINO_MODEL),
+                                                                 ("--clip_model", clip_model, DEFAULT_CLIP_MODEL))
+                   if name == default and not _available(name)]
+        if skipped:
+            dino_model = None if dino_model == DEFAULT_DINO_MODEL and not _available(dino_model) else dino_model
+            clip_model = None if clip_model == DEFAULT_CLIP_MODEL and not _available(clip_model) else clip_model
+            print(f"Scoring with {base_model}'s own evaluator: {' and '.join(skipped)} not in the Hugging Face cache "
+                  "(download them once, or pass a folder, to add DINO/CLIP scores).")
     dino = DinoEmbedder(dino_model, device) if dino_model else None
     clip = ClipEmbedder(clip_model, device) if clip_model else None
     scorers = [DreamBoothScorer(instance_images, dino, clip, identifier)] if (dino or clip) else []
@@ -127,6 +136,13 @@ def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEF
         module, _, function = BASE_SCORERS[base_model].partition(":")
         scorers += list(getattr(import_module(module), function)(instance_images, device))
     return scorers
+
+
+def _available(name: str) -> bool:
+    """A metric model here without a download: a folder, or a Hub id in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return Path(str(name)).expanduser().is_dir() or isinstance(try_to_load_from_cache(str(name), "config.json"), str)
 
 
 def instance_scorers(instance_data_dir, instance_prompt, dino_model, clip_model, device=None, base_model=None) -> list:

@@ -81,3 +81,15 @@ def test_a_local_base_is_recorded_absolute_and_used_when_no_base_is_given(tmp_pa
     capsys.readouterr()
     assert cli_main(["generate", "--adapter", str(adapter), "--prompt", PROMPT, "--steps", "1", "--output_dir", "gen"]) == 0
     assert f"Base model: {(tmp_path / 'models' / 'tiny-sdxl').resolve()} (recorded in" in capsys.readouterr().out
+
+
+def test_world_scores_itself_when_dino_and_clip_are_not_cached(tmp_path, capsys):
+    """Offline defaults: on `world`, the default DINO/CLIP models that are not in the cache are left out,
+    said in one line; an explicitly named one that is missing is still an error."""
+    args = ["evaluate", "--base", "world", "--instance_data_dir", str(SAMPLES), "--steps", "1", "--seeds", "0",
+            "--prompt", PROMPT]
+    assert cli_main(args + ["--output_dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if line.startswith("Scoring with world's own evaluator")]
+    assert len(said) == 1 and "--dino_model facebook/dino-vits16" in said[0] and "world_fidelity" in out
+    assert cli_main(args + ["--dino_model", "someone/not-cached-dino", "--output_dir", str(tmp_path / "b")]) == 2
