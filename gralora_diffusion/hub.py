@@ -135,7 +135,10 @@ def save_model_card(
     if grid is None:
         grid = next((i for i in images if "grid" in Path(i).name), None)
     samples = [i for i in images if i != grid]
-    prompts = prompts or [instance_prompt or ""] * len(samples)
+    # prompts as CLIP's tokenizer reads them (whitespace runs are one space): no line of the YAML front
+    # matter can then read `---` and end it early
+    instance_prompt = " ".join(instance_prompt.split()) if instance_prompt else instance_prompt
+    prompts = [" ".join(str(p).split()) for p in prompts] if prompts else [instance_prompt or ""] * len(samples)
     if len(prompts) != len(samples):
         raise HubError(f"{len(prompts)} prompts for {len(samples)} sample images; give one prompt per image.")
     name = repo_id or folder.resolve().name
