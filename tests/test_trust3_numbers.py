@@ -20,16 +20,9 @@ from gralora_diffusion.numbers import LIMITS, limited
 from gralora_diffusion.train import TrainConfig
 
 from conftest import PROMPT, SAMPLES
+from test_cli_errors import fails as one_line_exit_2  # exit 2, one line, no traceback
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def one_line_exit_2(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # -- the rule itself, for every named setting ---------------------------------------------------------

@@ -18,6 +18,7 @@ from gralora_diffusion.outputs import OWNER_FILE, check_output_file, claim_folde
 from gralora_diffusion.train import TrainConfig
 
 from conftest import PROMPT, SAMPLES
+from test_cli_errors import fails as one_line_exit_2  # exit 2, one line, no traceback
 from test_hub import TOKEN, fake_hub  # noqa: F401 - the loopback Hub fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-def one_line_exit_2(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
