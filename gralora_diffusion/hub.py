@@ -85,12 +85,13 @@ def files_to_push(folder, include_lora_export: bool = False) -> list[str]:
     return push_plan(folder, include_lora_export)[0]
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]()<>|!#~])")
+_MD_SPECIAL = re.compile(r"([\\`\[\]()<!|])")  # what makes links, images, HTML, code or table cells
 
 
 def md(text) -> str:
-    """User text (a prompt, an id, a path) as literal Markdown: every character Markdown or HTML gives a
-    meaning escaped, line breaks made spaces; `![x](photos/me.png)` shows as text, links to nothing."""
+    """User text (a prompt, an id, a path) as literal Markdown: the characters that make links, images,
+    HTML, code spans or table cells escaped, line breaks made spaces; `![x](photos/me.png)` shows as
+    text and links to nothing."""
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
