@@ -88,12 +88,13 @@ def files_to_push(folder, include_lora_export: bool = False) -> list[str]:
     return push_plan(folder, include_lora_export)[0]
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]()<>|!#~])")
+_MD_SPECIAL = re.compile(r"([\\`\[\]()<!|])")  # what makes links, images, HTML, code or table cells
 
 
 def md(text) -> str:
-    """User text (a prompt, an id, a path) as literal Markdown: every character Markdown or HTML gives a
-    meaning escaped, line breaks made spaces; `![x](photos/me.png)` shows as text, links to nothing."""
+    """User text (a prompt, an id, a path) as literal Markdown: the characters that make links, images,
+    HTML, code spans or table cells escaped, line breaks made spaces; `![x](photos/me.png)` shows as
+    text and links to nothing."""
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
@@ -139,7 +140,10 @@ def save_model_card(
     if grid is None:
         grid = next((i for i in images if "grid" in Path(i).name), None)
     samples = [i for i in images if i != grid]
-    prompts = prompts or [instance_prompt or ""] * len(samples)
+    # prompts as CLIP's tokenizer reads them (whitespace runs are one space): no line of the YAML front
+    # matter can then read `---` and end it early
+    instance_prompt = " ".join(instance_prompt.split()) if instance_prompt else instance_prompt
+    prompts = [" ".join(str(p).split()) for p in prompts] if prompts else [instance_prompt or ""] * len(samples)
     if len(prompts) != len(samples):
         raise HubError(f"{len(prompts)} prompts for {len(samples)} sample images; give one prompt per image.")
     name = repo_id or folder.resolve().name

@@ -40,7 +40,7 @@ def _opened(path: Path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
     except UNREADABLE as err:
-        raise ImageFileError(f"{path}: cannot read the image ({_first_line(err)}); remove or replace it.") from None
+        raise ImageFileError(f"{path}: cannot read the image ({_first_line(err)}). Remove or replace it.") from None
     with image:
         width, height = image.size
         if width * height > MAX_PIXELS:
@@ -65,7 +65,7 @@ def image_size(path) -> tuple[int, int]:
             if image.format == "PNG":
                 image.verify()  # chunk CRCs and the end of the file, without decompressing
         except UNREADABLE as err:
-            raise ImageFileError(f"{path}: cannot read the image ({_first_line(err)}); remove or replace it.") from None
+            raise ImageFileError(f"{path}: cannot read the image ({_first_line(err)}). Remove or replace it.") from None
     return (width, height) if orientation in _TRANSPOSED else (height, width)
 
 
@@ -93,4 +93,4 @@ def read_image(path) -> Image.Image:
             image.load()  # decodes fully: truncated files raise here
             return to_rgb(ImageOps.exif_transpose(image))
         except UNREADABLE as err:
-            raise ImageFileError(f"{path}: cannot decode the image ({_first_line(err)}); remove or replace it.") from None
+            raise ImageFileError(f"{path}: cannot decode the image ({_first_line(err)}). Remove or replace it.") from None
