@@ -93,3 +93,25 @@ def test_world_scores_itself_when_dino_and_clip_are_not_cached(tmp_path, capsys)
     said = [line for line in out.splitlines() if line.startswith("Scoring with world's own evaluator")]
     assert len(said) == 1 and "--dino_model facebook/dino-vits16" in said[0] and "world_fidelity" in out
     assert cli_main(args + ["--dino_model", "someone/not-cached-dino", "--output_dir", str(tmp_path / "b")]) == 2
+
+
+@pytest.mark.slow
+def test_base_load_failures_are_one_line_naming_what_was_tried(tmp_path):
+    """A missing folder is not taken for a Hub id; a Hub id neither cached nor reachable (online, the
+    endpoint refusing) says both; the library's own lines stay quiet; nothing is created."""
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV
+
+    env = {**SUBPROCESS_ENV, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    cases = [("./no_such_folder/tiny-sdxl", "no such folder"),
+             ("someone/not-cached", "not in the local Hugging Face cache and not downloadable here (no network or no such repo)")]
+    for base, text in cases:
+        out = tmp_path / "gen"
+        result = subprocess.run([sys.executable, "-m", "gralora_diffusion.cli", "generate", "--base", base, "--prompt", "x",
+                                 "--output_dir", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        ours = [line for line in result.stderr.splitlines() if line.startswith("gralora-diffusion generate: error:")]
+        assert result.returncode == 2 and len(ours) == 1 and text in ours[0] and base in ours[0], result.stderr
+        assert "Couldn't connect" not in result.stderr and "stacktrace" not in result.stderr
+        assert not out.exists()
