@@ -131,9 +131,23 @@ def check_lora_fits(pipe, path) -> None:
                     f"{tuple(up.shape) if up is not None else None} fit {fits[0]}->{fits[1]}.")
 
 
-def check_adapter_fits(pipe, source) -> None:
+def check_adapter_fits(pipe, source, base=None) -> None:
     """Any adapter (GraLoRA or plain LoRA, as `load_any_adapter` takes it) against the pipeline, before
-    anything is loaded or generated; Hub repo ids are checked when they load."""
+    anything is loaded or generated; Hub repo ids are checked when they load. `base`: the base this run
+    loaded, named beside the adapter's recorded one when they differ."""
+    try:
+        _check_adapter_fits(pipe, source)
+    except AdapterFileError as err:
+        from .recorded_base import record, recorded_base
+
+        recorded = recorded_base(source)
+        if base is None or not recorded or recorded == record(base):
+            raise
+        raise AdapterFileError(f"{err} It records base {recorded}, this run's --base is {base}: pass --base {recorded}, "
+                               "or leave --base out to use it.") from None
+
+
+def _check_adapter_fits(pipe, source) -> None:
     kind, target = adapter_kind(source)
     if kind == GRALORA:
         from .sources import resolve_adapter

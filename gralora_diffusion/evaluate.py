@@ -264,7 +264,7 @@ def evaluate_adapter(
     with quiet_libraries():
         pipe = pipe if pipe is not None else load_base(base_model, family, device, dtype)[0]
         for label, source in sources:  # every adapter against the pipeline before any image (any_adapter.py)
-            check_adapter_fits(pipe, source)
+            check_adapter_fits(pipe, source, base_model)
     columns = ([(BASE_LABEL, None)] if include_base else []) + sources
     bar = progress_bar(progress, len(columns) * len(prompts) * len(seeds), "evaluate")
     variants = []

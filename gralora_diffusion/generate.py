@@ -194,7 +194,7 @@ def generate_samples(
     `scheduler`: a diffusers scheduler class name (schedulers.py). `init_image`: a picture (path or PIL
     image) to start from, image-to-image through diffusers' `AutoPipelineForImage2Image.from_pipe` (the
     same modules, adapters included), `strength` of noise added to it (0 < strength <= 1)."""
-    from .any_adapter import LORA, load_any_adapter
+    from .any_adapter import LORA, check_adapter_fits, load_any_adapter
     from .bases import load_base, render
     from .grids import labelled_grid
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
@@ -214,6 +214,8 @@ def generate_samples(
     if pipe is None:
         pipe, _ = load_base(base_model, family, device, dtype, say=print if progress else None)
     names = [f"adapter_{i}" for i in range(len(adapters))]
+    for path, _ in adapters:  # every adapter against the base before any loads (its recorded base named on a mismatch)
+        check_adapter_fits(pipe, path, base_model)
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
     runner, extra = _runner(pipe, scheduler, init_image, strength, height, width)

@@ -31,7 +31,7 @@ def merge_adapter(adapter, base: str = "tiny", output_dir="merged", scale: float
     check_adapter_paths([adapter])
     output_dir = claim_folder(output_dir, COMMAND, "--output_dir", write=False)  # before the base loads
     pipe, _ = load_base(base, family, device, dtype, say=say)
-    check_adapter_fits(pipe, adapter)
+    check_adapter_fits(pipe, adapter, base)
     with quiet_libraries():
         kind = load_any_adapter(pipe, adapter, "merged")
         if kind == GRALORA:

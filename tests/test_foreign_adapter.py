@@ -19,7 +19,7 @@ def world_adapters(tmp_path_factory):
     folder = tmp_path_factory.mktemp("world_adapter")
     pipe = gd.patch_pipeline(gd.tiny_world_pipeline())
     gd.add_gralora(pipe, r=4, gralora_k=2, unet_targets="attn", text_encoder_targets="attn")
-    pipe.save_gralora_weights(folder)
+    pipe.save_gralora_weights(folder, base_model="world")
     gd.export_lora(folder, folder / "lora.safetensors")
     gd.export_lora(folder, folder / "lora_kohya.safetensors", format="kohya")
     return {"gralora": folder / "pytorch_gralora_weights.safetensors", "diffusers": folder / "lora.safetensors",
@@ -64,3 +64,11 @@ def test_evaluate_checks_every_adapter_before_the_base_column(world_adapters):
         gd.evaluate_adapter(pipe=pipe, adapters=[world_adapters["kohya"]], instance_data_dir=SAMPLES, steps=1,
                             dino_model=None, clip_model=None, progress=False)
     assert calls == []  # nothing generated before the check
+
+
+def test_a_mismatch_names_the_recorded_base_and_the_flag(world_adapters, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert cli_main(["generate", "--base", "tiny", "--adapter", str(world_adapters["gralora"]), "--prompt", "x",
+                     "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "It records base" in err[0] and "this run's --base is tiny" in err[0] and "--base" in err[0]
