@@ -94,7 +94,7 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
 
 def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None] | None = None,
           command: str = "gralora-diffusion train") -> TrainResult:
-    """Train an adapter as `cfg` says. `pipeline`: an SDXL pipeline already in memory (then
+    """Train an adapter as `cfg` says. `pipeline`: a pipeline of a registered family already in memory (then
     `--pretrained_model_name_or_path` only names it in the outputs). `on_step(step, loss)` runs
     after every update on every process. `command` starts the resume command that an interrupted
     run (Ctrl-C, an unreadable image) prints."""
