@@ -84,7 +84,6 @@ def write_report(out: Path, entries: list[dict], base_record: dict, ev) -> Compa
         images = load_images(out / e["runs"][0] / EVAL_FOLDER, len(ev.prompts), len(ev.seeds))
         columns.append(VariantResult(e["name"], e["runs"][0], e["kind"], images=images))
     from .atomic import atomic_write
-    from .generate import save_image
 
     grid = out / GRID_NAME
     save_grid(labelled_variant_grid(columns, ev.prompts), grid)

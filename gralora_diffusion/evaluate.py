@@ -338,7 +338,6 @@ def write_outputs(result: EvaluationResult, prompts, output_dir=None, json_path=
     """`output_dir`: grid.png and results.json; `json_path`: the JSON (also) there. Through the output
     rule (`check_outputs`) and the atomic writer."""
     from .atomic import atomic_write
-    from .generate import save_image
 
     check_outputs(output_dir, json_path, inputs, instance_data_dir, write=True)
     paths = [Path(json_path)] if json_path is not None else []

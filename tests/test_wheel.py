@@ -1,11 +1,8 @@
 """A user who installs the wheel (no repository, no samples/) can run the quickstart."""
 
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
