@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+
 import numpy as np
 import pytest
 from PIL import Image
