@@ -76,8 +76,10 @@ def test_adapter_for_another_base_model_gives_the_loaders_error(adapter, tmp_pat
     path = save_adapter_file(tmp_path / "other.safetensors", {"unet": moved}, {"unet": other.configs["unet"]},
                              base_model="stabilityai/stable-diffusion-xl-base-1.0")
     out = tmp_path / "out"
-    assert cli_main(["generate", "--adapter", str(path), "--prompt", PROMPT, "--steps", "1", "--output-dir", str(out)]) == 2
-    assert "down_blocks.2" in capsys.readouterr().err
+    assert cli_main(["generate", "--base", "tiny", "--adapter", str(path), "--prompt", PROMPT, "--steps", "1",
+                     "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "down_blocks.2" in err and "It records base stabilityai/stable-diffusion-xl-base-1.0" in err
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -191,7 +193,7 @@ def test_side_by_side_gralora_and_its_lora_baseline(adapter, sweep, tmp_path, ca
     the same image twice, equal to the GraLoRA column of the plain sweep."""
     lora = Path(gd.export_lora(adapter, tmp_path / "lora" / "pytorch_lora_weights.safetensors").path)
     out = tmp_path / "side"
-    assert cli_main(["generate", "--adapter", f"{adapter}:0.8", "--adapter", f"{lora.parent}:0.8", "--prompt", PROMPT,
+    assert cli_main(["generate", "--base", "tiny", "--adapter", f"{adapter}:0.8", "--adapter", f"{lora.parent}:0.8", "--prompt", PROMPT,
                      "--steps", "2", "--side-by-side", "--output-dir", str(out)]) == 0
     assert "columns: adapter 1, lora 1" in capsys.readouterr().out
     first, second = out / "00_a-photo-of-sks-teapot_seed0_a0_scale1.png", out / "00_a-photo-of-sks-teapot_seed0_a1_scale1.png"

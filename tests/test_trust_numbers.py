@@ -156,11 +156,11 @@ def test_kohya_export_refuses_to_guess_layers_per_block(tmp_path, capsys):
     # targets that pick blocks, no base model recorded: the names cannot tell layers_per_block
     path = adapter_file(tmp_path / "picky.safetensors", base_model=None, unet_targets=r".*attentions\.0\..*to_q")
     dst = tmp_path / "k.safetensors"
-    with pytest.raises(ExportError, match="--layers-per-block"):
+    with pytest.raises(ExportError, match="--layers_per_block"):
         gd.export_lora(path, dst, format="kohya")
     assert not dst.exists()
     assert cli_main(["export-lora", str(path), str(dst), "--format", "kohya"]) == 2
-    assert "--layers-per-block" in capsys.readouterr().err
+    assert "--layers_per_block" in capsys.readouterr().err
     assert cli_main(["export-lora", str(path), str(dst), "--format", "kohya", "--layers-per-block", "1"]) == 0
     gd.export_lora(path, tmp_path / "d.safetensors")  # diffusers names need no layers_per_block
     # a preset without a base model: every attention adapted, the names tell (tiny: 1)
