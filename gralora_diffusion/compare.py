@@ -288,9 +288,11 @@ def estimated_steps(cfg: TrainConfig) -> int:
     """For the progress bar: --max_train_steps, else the epochs' updates (without buckets' rounding)."""
     if cfg.max_train_steps:
         return cfg.max_train_steps
-    from .train.data import scan_images
+    from .train.data import epoch_items, scan_images
 
-    batches = math.ceil(len(scan_images(cfg.instance_data_dir, cfg.instance_prompt)) * cfg.repeats / cfg.train_batch_size)
+    classes = cfg.num_class_images if cfg.with_prior_preservation else 0
+    items = epoch_items(len(scan_images(cfg.instance_data_dir, cfg.instance_prompt)), cfg.repeats, classes)
+    batches = math.ceil(items / cfg.train_batch_size)
     return cfg.num_train_epochs * math.ceil(batches / cfg.gradient_accumulation_steps)
 
 

@@ -158,12 +158,29 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
     return records
 
 
+def epoch_items(instances: int, repeats: int, classes: int = 0) -> int:
+    """Items in an epoch: every instance image `repeats` times, and every class image at least once."""
+    return max(instances * repeats, classes)
+
+
+def count_images(folder: Path) -> int:
+    """Image files in `folder` (by suffix, hidden ones left out), none if it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
 def _item_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{index}")
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index)."""
+    """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index).
+
+    An epoch covers max(instance images x repeats, class images) items, item i pairing instance
+    i mod (instances) with class image i mod (classes), as diffusers' DreamBooth dataset does: so
+    every class image is trained on once per epoch, not only the first len(instances) of them."""
 
     def __init__(self, instances, resolution, center_crop=False, random_flip=False, buckets=None, repeats=1, seed=0, classes=None,
                  image_cache_mb=0):
@@ -173,7 +190,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.cache = ImageCache(image_cache_mb)  # decoded, resized images by (path, target size)
 
     def __len__(self) -> int:
-        return len(self.instances) * self.repeats
+        return epoch_items(len(self.instances), self.repeats, len(self.classes))
 
     def target_size(self, index: int) -> tuple[int, int]:
         if not self.buckets:
@@ -285,8 +302,7 @@ def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: i
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    missing = count - existing
+    missing = count - count_images(folder)
     if missing <= 0:
         return 0
     todo, i = [], 0
