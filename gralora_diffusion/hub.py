@@ -22,6 +22,7 @@ from .export import export_lora, format_size
 from .info import adapter_info
 
 TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
+LORA_TAGS = ["lora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
 
 
 def _sample_images(folder: Path) -> list[str]:
@@ -50,11 +51,27 @@ def _card_images(folder: Path) -> list[str]:
     return found
 
 
+def adapter_in(folder: Path) -> tuple[Path, str]:
+    """(file, kind) of the adapter a training output folder holds: the GraLoRA file, else the
+    `--adapter lora` baseline's diffusers LoRA file. Checked before anything is sent: a folder with
+    neither, or a broken file, is refused naming it."""
+    from .any_adapter import LORA, safetensors_kind
+
+    lora = folder / DIFFUSERS_WEIGHT_NAME
+    if not (folder / WEIGHT_NAME).is_file() and lora.is_file():
+        if safetensors_kind(lora) != LORA:
+            raise AdapterFileError(f"{lora}: not a LoRA safetensors file (no lora_A/lora_B keys could be read); "
+                                   "give the --output_dir of a training run.")
+        return lora, "lora"
+    read_adapter_file(folder / WEIGHT_NAME)  # names the problem: no such file, damaged, ...
+    return folder / WEIGHT_NAME, "gralora"
+
+
 def files_to_push(folder, include_lora_export: bool = False) -> list[str]:
     """The exact files a push uploads, relative to `folder`: adapter, card, the images the card shows,
     the images directly in `samples/`, and the LoRA export when asked. Nothing else, at any depth."""
     folder = Path(folder)
-    files = [WEIGHT_NAME, CARD_NAME] + _card_images(folder)
+    files = [adapter_in(folder)[0].name, CARD_NAME] + _card_images(folder)
     samples = folder / "samples"
     if samples.is_dir():
         files += [f"samples/{p.name}" for p in sorted(samples.iterdir())
@@ -88,13 +105,16 @@ def save_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    source = folder / WEIGHT_NAME
-    adapter = read_adapter_file(source)
+    source, kind = adapter_in(folder)
     info = adapter_info(source)
-    base_model = base_model or adapter.base_model
-    instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
-    if training is None and adapter.metadata.get("training"):
-        training = json.loads(adapter.metadata["training"])
+    if kind == "gralora":
+        adapter = read_adapter_file(source)
+        base_model = base_model or adapter.base_model
+        instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
+        if training is None and adapter.metadata.get("training"):
+            training = json.loads(adapter.metadata["training"])
+    else:
+        base_model = base_model or info["base_model"]
     images = _sample_images(folder) if images is None else [Path(i).as_posix() for i in images]
     if grid is None:
         grid = next((i for i in images if "grid" in Path(i).name), None)
@@ -109,12 +129,15 @@ def save_model_card(
         base_model=base_model,
         library_name="diffusers",
         license=license,
-        tags=TAGS,
+        tags=TAGS if kind == "gralora" else LORA_TAGS,
         instance_prompt=instance_prompt,
         widget=[{"text": p, "output": {"url": i}} for p, i in zip(prompts, samples)] or None,
     )
-    body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
-                      info["components"].get("unet", {}).get("k", "k"))
+    if kind == "gralora":
+        body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
+                          info["components"].get("unet", {}).get("k", "k"))
+    else:
+        body = _lora_card_body(name, where, base_model, instance_prompt, grid, info, training)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = folder / CARD_NAME
     atomic_write(path, lambda tmp: card.save(tmp))
@@ -189,6 +212,45 @@ diffusers loads it directly: `pipe.load_lora_weights({py_where})`.
     return "".join(parts)
 
 
+def _lora_card_body(name, where, base_model, instance_prompt, grid, info: dict, training) -> str:
+    """The card of the `--adapter lora` baseline: a plain diffusers LoRA, loaded by stock diffusers."""
+    base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    py_base, py_where, py_prompt = json.dumps(base), json.dumps(where), json.dumps(instance_prompt or "a photo")
+    trigger = f" Trigger prompt: `{instance_prompt}`." if instance_prompt else ""
+    rows = {f"{c} (r / alpha)": f"{v['rank']} / {v['alpha']}" for c, v in info["components"].items()}
+    rows.update({"targets": json.dumps({c: v["targets"] for c, v in info["components"].items()}),
+                 "parameters": f"{info['params']:,}",
+                 "file": f"{DIFFUSERS_WEIGHT_NAME} ({format_size(info['file_size'])}, {info['dtype']})"})
+    parts = [f"""
+# {name}
+
+A LoRA adapter for `{base}` (the LoRA baseline of gralora-diffusion's trainer, `--adapter lora`).{trigger}
+"""]
+    if grid:
+        parts.append(f"\n![samples]({grid})\n")
+    parts.append(f"""
+## Use with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained({py_base}, torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights({py_where})
+image = pipe({py_prompt}).images[0]
+```
+
+Kohya keys (ComfyUI, A1111): `gralora-diffusion export-lora {shlex.quote(where)} lora_kohya.safetensors --format kohya`.
+
+## Adapter
+
+{_table(rows)}
+""")
+    if training:
+        parts.append(f"\n## Training settings\n\n{_table(training)}\n")
+    return "".join(parts)
+
+
 def _explain(err: Exception, repo_id: str) -> HubError | None:
     """huggingface_hub's error plus a sentence on what to do; None for errors that are not about the Hub."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -234,7 +296,8 @@ def push_to_hub(
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise AdapterFileError(f"{folder}: {what}; give the folder holding {WEIGHT_NAME} (a training --output_dir).")
-    read_adapter_file(folder / WEIGHT_NAME)  # refuse a folder without a valid adapter before any network call
+    source, kind = adapter_in(folder)  # refuse a folder without a valid adapter before any network call
+    include_lora_export = include_lora_export and kind == "gralora"  # a LoRA baseline is its own LoRA file
     if dry_run:
         files = files_to_push(folder, include_lora_export)
         if say:
@@ -245,7 +308,7 @@ def push_to_hub(
     if not (folder / CARD_NAME).is_file():
         save_model_card(folder, repo_id=repo_id)
     if include_lora_export:
-        export_lora(folder / WEIGHT_NAME, folder / DIFFUSERS_WEIGHT_NAME)
+        export_lora(source, folder / DIFFUSERS_WEIGHT_NAME)
     files = files_to_push(folder, include_lora_export)
     if say:
         say(f"Uploading {len(files)} files from {folder} to {repo_id}:")
