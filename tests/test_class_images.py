@@ -130,3 +130,21 @@ def test_a_resumed_run_keeps_the_checkpoints_class_image_count(tmp_path, capsys)
     result = run(tmp_path, "a", max_train_steps=4, checkpointing_steps=2, num_class_images=100, resume_from_checkpoint="latest")
     assert result.global_step == 4 and len(list((tmp_path / "class").iterdir())) == 2
     assert "training on 2 class image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prior_generation_precision(tmp_path, precision, monkeypatch):
+    """Class images drawn in the asked dtype; the frozen base goes back to the training dtype after."""
+    seen = []
+    real = loop.generate_images
+
+    def spy(pipe, *args, **kwargs):
+        autocast = args[-1]
+        with autocast():
+            seen.append((pipe.unet.dtype, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "generate_images", spy)
+    result = run(tmp_path, "a", max_train_steps=1, num_class_images=1, mixed_precision="bf16", prior_generation_precision=precision)
+    assert seen == ([(torch.float32, None)] if precision == "fp32" else [(torch.bfloat16, torch.bfloat16)])
+    assert result.pipeline.unet.dtype == torch.bfloat16 and len(list((tmp_path / "class").iterdir())) == 1
