@@ -27,7 +27,7 @@ from .export import export_lora, format_size
 from .info import adapter_info
 
 TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
-LORA_TAGS = ["lora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
+LORA_TAGS = ["lora", "gralora-diffusion", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
 
 
 def _sample_images(folder: Path) -> list[str]:

@@ -71,6 +71,9 @@ def test_push_uploads_the_lora_baseline_folder(lora_run, fake_hub, capsys):  # n
     assert fake_hub.committed[LORA_WEIGHT_NAME] == (lora_run / LORA_WEIGHT_NAME).read_bytes()
     card = fake_hub.committed["README.md"].decode()
     assert "pipe.load_lora_weights" in card and "load_gralora_weights" not in card and f"base_model: {TINY_MODEL_ID}" in card
+    from gralora_diffusion.outputs import is_our_card
+
+    assert is_our_card(lora_run / "README.md")  # so a resumed or compared run may replace it
 
 
 def test_push_to_hub_is_accepted_for_the_baseline(tmp_path):
