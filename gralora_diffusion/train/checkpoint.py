@@ -41,7 +41,8 @@ def shaping_settings(cfg) -> dict:
             "hybrid_r": cfg.hybrid_r, "alpha": cfg.resolved_alpha, "unet_targets": cfg.unet_targets,
             "train_text_encoder": cfg.train_text_encoder,
             "text_encoder_targets": cfg.text_encoder_targets if cfg.train_text_encoder else None,
-            "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
+            "optimizer": cfg.optimizer, "use_ema": cfg.use_ema,
+            **({"use_dora": True} if cfg.use_dora else {})}  # only when on: older checkpoints, without the key, still resume
 
 
 # Settings a resumed run may change; each stretch of a run records them (training_config.yaml, card).
