@@ -169,9 +169,11 @@ class GraloraLinear(PeftGraloraLinear):
         Under autocast the update is computed in autocast's dtype and the base output's dtype kept.
 
         `adapter_names`: one adapter name per sample of `x` (its first dimension; None or "__base__"
-        for none), as PEFT's LoRA layer takes it: the active adapters are then ignored, and each run
-        of consecutive samples with the same adapter gets that adapter's update in place
-        (`_mixed_batch_forward`); a name this layer does not carry counts as none."""
+        for none), as PEFT's LoRA layer takes it: the active adapters are then ignored and each sample
+        gets its own adapter's update; a name this layer does not carry counts as none. Adapters of one
+        shape share two batched matmuls, each sample with its adapter's gathered factors
+        (`_gathered_update`); otherwise each run of consecutive samples with the same adapter gets that
+        adapter's update in place, as PEFT's `_mixed_batch_forward` groups rows per adapter."""
         previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:
@@ -201,6 +203,9 @@ class GraloraLinear(PeftGraloraLinear):
                     result = self._add_update(result, x, adapter, autocast)
             return result.view(shape).to(previous_dtype)
         per_sample = rows // len(adapter_names) if adapter_names else 0
+        present = [a for a in dict.fromkeys(adapter_names) if a in self.gralora_A]
+        if len(present) > 1 and not torch.is_grad_enabled() and self._stackable(present):
+            return self._gathered_update(result, x, adapter_names, present, autocast).view(shape).to(previous_dtype)
         start = 0
         for end in range(1, len(adapter_names) + 1):
             if end < len(adapter_names) and adapter_names[end] == adapter_names[start]:
@@ -213,6 +218,70 @@ class GraloraLinear(PeftGraloraLinear):
                     result = torch.cat((result[: rows_.start], updated, result[rows_.stop :]))
             start = end
         return result.view(shape).to(previous_dtype)
+
+    def _stackable(self, adapters: list[str]) -> bool:
+        """One k and dtype, no dropout acting: one batched product can serve these adapters (ranks may differ)."""
+        first = adapters[0]
+        return all(self.gralora_k[a] == self.gralora_k[first] and self.gralora_A[a].dtype == self.gralora_A[first].dtype
+                   and (isinstance(self.gralora_dropout[a], nn.Identity) or not self.gralora_dropout[a].training)
+                   for a in adapters)
+
+    def _gathered_update(self, result, x, adapter_names, present, autocast) -> torch.Tensor:
+        """result[S·L, out] + each sample's own adapter's update, for adapters of one k: their factors laid
+        side by side at the largest rank (each rank slice zero-padded, which adds nothing), scaling folded
+        into B, a zero slot for samples without adapter, and gathered per sample, so the k-block products
+        of every group run as two batched matmuls in all, not two per group."""
+        S, k = len(adapter_names), self.gralora_k[present[0]]
+        L, i, o = x.shape[0] // S, self.in_features // k, self.out_features // k
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.gralora_A[present[0]].dtype
+        A, B, A_g, B_g = self._side_by_side(present, dtype)
+        T = A.shape[-1]
+        slot = {a: n for n, a in enumerate(present)}
+        index = torch.tensor([slot.get(a, len(present)) for a in adapter_names], device=x.device)
+        x = x.to(dtype)
+        h = torch.bmm(x.view(S, L, k, i).transpose(1, 2).reshape(S * k, L, i), A[index].view(S * k, i, k * T))  # [S·k (n), L, k·T]
+        g = h.view(S, k, L, k, T).permute(0, 3, 2, 1, 4).reshape(S * k, L, k * T)  # [S·k (j), L, n·T]
+        update = torch.bmm(g, B[index].view(S * k, k * T, o)).view(S, k, L, o).transpose(1, 2).reshape(S, L, k * o)
+        if A_g is not None:
+            update.baddbmm_(torch.bmm(x.view(S, L, k * i), A_g[index].transpose(1, 2)), B_g[index])
+        return result.add_(update.view(S * L, k * o).to(result.dtype))
+
+    def _side_by_side(self, present: list[str], dtype) -> tuple:
+        """The adapters' factors in one tensor each, at the largest rank (each rank slice zero-padded) with
+        scaling folded into B, plus a zero slot: A [U+1, k, in/k, k, T], B [U+1, k, k, T, out/k], hybrid
+        A_g [U+1, hr, in], B_g [U+1, hr, out] (None without hybrid). Kept for the next call (the timesteps of
+        one image) while the adapters, their tensors' versions and scalings are the same."""
+        compiling = torch.compiler.is_compiling()  # a compiled graph lays them out itself, no cache
+        if not compiling:
+            scalings = tuple(s._version if isinstance(s, torch.Tensor) else s for s in (self.scaling[a] for a in present))
+            key = (tuple(present), dtype, scalings, tuple(p._version for a in present for p in self._factors(a)))
+            cached = getattr(self, "_side_by_side_cache", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        U, k = len(present), self.gralora_k[present[0]]
+        i, o = self.in_features // k, self.out_features // k
+        T, hr = max(self.gralora_A[a].shape[2] for a in present) // k, max(self.hybrid_r[a] for a in present)
+        ref = self.gralora_A[present[0]]
+        A = ref.new_zeros(U + 1, k, i, k, T, dtype=dtype)  # [adapter, n, in/k, j, T]
+        B = ref.new_zeros(U + 1, k, k, T, o, dtype=dtype)  # [adapter, j, n, T, out/k]
+        A_g = B_g = None
+        if hr:
+            A_g, B_g = ref.new_zeros(U + 1, hr, k * i, dtype=dtype), ref.new_zeros(U + 1, hr, k * o, dtype=dtype)
+        with torch.no_grad():  # inference only: with grad on, `forward` takes the per-group path
+            for n, a in enumerate(present):
+                t = self.gralora_A[a].shape[2] // k
+                A[n, ..., :t] = self.gralora_A[a].view(k, i, k, t)
+                B[n, :, :, :t] = (self.gralora_B[a] * self.scaling[a]).view(k, k, t, o)
+                if self.hybrid_r[a]:
+                    A_g[n, : self.hybrid_r[a]] = self.gralora_A_general[a].weight
+                    B_g[n, : self.hybrid_r[a]] = (self.gralora_B_general[a].weight * self.scaling[a]).t()
+        if not compiling:
+            self._side_by_side_cache = (key, (A, B, A_g, B_g))
+        return A, B, A_g, B_g
+
+    def _factors(self, adapter: str) -> list[torch.Tensor]:
+        hybrid = [self.gralora_A_general[adapter].weight, self.gralora_B_general[adapter].weight] if self.hybrid_r[adapter] else []
+        return [self.gralora_A[adapter], self.gralora_B[adapter], *hybrid]
 
     def _add_update(self, result: torch.Tensor, x: torch.Tensor, adapter: str, autocast: bool) -> torch.Tensor:
         """result[rows, out] + one adapter's update of x[rows, in]: in place (the same tensor back),

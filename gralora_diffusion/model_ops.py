@@ -251,6 +251,9 @@ def hotswap_plan(model: nn.Module, component: str, adapter_name: str, config: Gr
             params["gralora_B_general.weight"] = layer.gralora_B_general[adapter_name].weight
         for suffix, param in params.items():
             tensor = fitted[suffix].to(device=param.device, dtype=param.dtype)
+            if tensor.shape != param.shape:
+                raise AdapterFileError(f"{where}.{name}.{suffix}: shape {tuple(tensor.shape)} at the loaded k and rank, "
+                                       f"but the loaded adapter's is {tuple(param.shape)}: another base model.")
             if not torch.isfinite(tensor).all():
                 raise AdapterFileError(f"{where}.{name}.{suffix}: values up to {float(fitted[suffix].abs().max()):.6g} do "
                                        f"not fit this pipeline's {str(param.dtype).removeprefix('torch.')}; nothing was swapped.")

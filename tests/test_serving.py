@@ -60,14 +60,20 @@ def test_a_coarser_k_and_a_padded_rank_are_the_same_update(k, k_to, r, rank):
     torch.testing.assert_close(delta(A3, B3, k_to), delta(A, B, k), rtol=0, atol=1e-5)
 
 
-def test_mixed_batch_rows_get_their_own_adapter_in_the_layer():
+@pytest.mark.parametrize("b_config, gathered", [((8, 4, 0), False), ((4, 2, 2), True), ((8, 2, 0), True), ((2, 2, 4), True)])
+def test_mixed_batch_rows_get_their_own_adapter_in_the_layer(b_config, gathered):
     """GraloraLinear(adapter_names=...) row i == the layer with adapter i alone; None, "__base__" and a
-    name the layer lacks give the base output; runs of one adapter, the hybrid branch, and torch.compile."""
+    name the layer lacks give the base output; runs of one adapter (adapters of another k) or the
+    gathered batched product (one k, ranks and hybrid ranks padded), the hybrid branch, and torch.compile."""
     gen = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(16, 24)
     layer = PeftGraloraLinear(base, "a", "m", GraloraConfig(r=4, gralora_k=2, hybrid_r=2, target_modules=["m"], init_weights=False), r=4)
-    layer.update_layer("b", "m", 8, GraloraConfig(r=8, gralora_k=4, target_modules=["m"], init_weights=False))
+    r, k, hybrid_r = b_config
+    layer.update_layer("b", "m", r, GraloraConfig(r=r, gralora_k=k, hybrid_r=hybrid_r, target_modules=["m"], init_weights=False))
     layer.__class__ = gd.GraloraLinear
+    layer.scaling_to_tensor("b")
+    layer.set_scale("b", 0.7)
+    assert layer._stackable(["a", "b"]) == gathered
     x = torch.randn(7, 5, 16, generator=gen)
     names = ["a", "a", None, "b", "__base__", "zzz", "a"]
 
@@ -77,9 +83,14 @@ def test_mixed_batch_rows_get_their_own_adapter_in_the_layer():
 
     with torch.no_grad():
         expected = torch.stack([alone(name)[i] for i, name in enumerate(names)])
-        torch.testing.assert_close(layer(x, adapter_names=names), expected, rtol=1e-6, atol=1e-6)  # fp32: other row counts
+        torch.testing.assert_close(layer(x, adapter_names=names), expected, rtol=1e-5, atol=1e-5)  # fp32: other row counts
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x, adapter_names=names), expected, rtol=1e-5, atol=1e-5)
+        layer.set_scale("b", 0.3)  # the gathered factors kept from the last call must follow a new scale and new values
+        layer.gralora_B["a"].mul_(2)
+        expected = torch.stack([alone(name)[i] for i, name in enumerate(names)])
+        torch.testing.assert_close(layer(x, adapter_names=names), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x, adapter_names=names), expected, rtol=1e-5, atol=1e-5)  # with grad on: per group
     with pytest.raises(ValueError, match="3 adapter names for a batch of 7"):
         layer(x, adapter_names=["a", "b", None])
 
@@ -244,3 +255,47 @@ def test_mixed_batch_on_the_world_pipeline(tmp_path):
              "b": adapter_file(tmp_path / "b", r=4, text_encoder_targets=None, seed=9, pipeline=gd.tiny_world_pipeline),
              "none": None}
     check_mixed_batch(gd.tiny_world_pipeline, paths, num_images_per_prompt=1)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def test_prompts_file_adapter_column_and_pairing():
+    from gralora_diffusion.generate import prompt_adapters
+
+    adapters = ["runs/cat.safetensors:0.8", "runs/dog"]
+    assert prompt_adapters(["a", "b"], adapters, False) == (["a", "b"], None)
+    assert prompt_adapters(["a", "b"], adapters, True) == (["a", "b"], [0, 1])
+    assert prompt_adapters(["a cat\t1", "a dog\truns/dog", "a house\tnone"], adapters, False) == (
+        ["a cat", "a dog", "a house"], [0, 1, None])
+    for prompts, pair, message in ((["a"], True, "1 prompts and 2 adapters"), (["a\t3"], False, "not one of the --adapter"),
+                                   (["a\t1", "b"], False, "no adapter in its column")):
+        with pytest.raises(GraloraConfigError, match=message):
+            prompt_adapters(prompts, adapters, pair)
+
+
+@pytest.mark.slow  # ~25 s: three generate runs on the tiny pipeline
+def test_generate_per_image_adapters_equals_each_adapter_alone(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from gralora_diffusion.cli import main as cli_main
+
+    cat = adapter_file(tmp_path / "cat", r=8, seed=1)
+    dog = adapter_file(tmp_path / "dog", r=4, text_encoder_targets=None, seed=5)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a photo of sks cat\t1\na dog\t{dog}\na house\tnone\n")
+    common = ["generate", "--base", "tiny", "--steps", "2", "--seeds", "0,3"]
+    assert cli_main([*common, "--adapter", str(cat), "--adapter", str(dog), "--prompts-file", str(prompts),
+                     "--output-dir", str(tmp_path / "mixed")]) == 0
+    mixed = sorted((tmp_path / "mixed").glob("0*.png"))
+    assert len(mixed) == 6
+    for i, (prompt, adapter) in enumerate([("a photo of sks cat", cat), ("a dog", dog), ("a house", None)]):
+        out = tmp_path / f"alone{i}"
+        assert cli_main([*common, "--prompt", prompt, *(["--adapter", str(adapter)] if adapter else []), "--output-dir", str(out)]) == 0
+        for seed, alone in zip((0, 3), sorted(out.glob("0*.png"))):
+            a = np.asarray(Image.open(alone)).astype(int)
+            b = np.asarray(Image.open(mixed[2 * i + (seed == 3)])).astype(int)
+            assert np.abs(a - b).max() <= 1, (prompt, seed)  # uint8 PNGs; batch rounding may flip one level
+    assert cli_main([*common, "--adapter", str(cat), "--prompt", "a", "--prompt", "b", "--per_image_adapters",
+                     "--output-dir", str(tmp_path / "bad")]) == 2
