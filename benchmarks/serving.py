@@ -3,7 +3,8 @@ SDXL with --quick), three measurements in one run:
 
 (a) switching adapters: a hot-swap (`load_gralora_weights(..., hotswap=True)`) against unloading
     and loading the adapter again; and, with the models compiled, a request (switch + generate)
-    served by hot-swap against one served by unload + load (which recompiles);
+    served by hot-swap against one served by unload + load (which recompiles until dynamo's dynamic
+    shapes settle);
 (b) a batch of B images with B different adapters in one call (`gralora_adapter_names`) against the
     same batch with one adapter, and against B calls of one image each with its own adapter;
 (c) the recompilations (dynamo's counters) over 20 hot-swaps of a compiled pipeline.
