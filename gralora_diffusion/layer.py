@@ -1,10 +1,12 @@
-"""Our GraLoRA Linear layer: PEFT's layer plus the scale control diffusers calls, and a faster forward.
+"""Our GraLoRA Linear layer: PEFT's layer plus the scale control diffusers calls, a faster forward,
+and one adapter per sample (`adapter_names=`, PEFT's mixed batches for LoRA).
 
 PEFT's `GraloraLayer` has no `set_scale` / `scale_layer` / `unscale_layer`, so diffusers'
 per-call scale (`cross_attention_kwargs={"scale": s}`), `set_adapters` and
 `fuse_lora(lora_scale=s)` raise AttributeError on it. This subclass adds them with the same
-semantics as PEFT's LoRA layer. It adds no state of its own, so parameters, state-dict keys and
-`merge`/`unmerge` are exactly PEFT's.
+semantics as PEFT's LoRA layer. It adds no parameters or buffers of its own (only a transient
+cache of a mixed batch's gathered factors), so parameters, state-dict keys and `merge`/`unmerge` are
+exactly PEFT's. A scaling may be a 0-d tensor (hot-swap), filled in place by every scale change.
 
 The forward computes PEFT's update without its two full-output temporaries (the copy that ends
 its second einsum and the `scaling * output` tensor): the k up-projections accumulate straight
@@ -170,8 +172,8 @@ class GraloraLinear(PeftGraloraLinear):
 
         `adapter_names`: one adapter name per sample of `x` (its first dimension; None or "__base__"
         for none), as PEFT's LoRA layer takes it: the active adapters are then ignored and each sample
-        gets its own adapter's update; a name this layer does not carry counts as none. Adapters of one
-        shape share two batched matmuls, each sample with its adapter's gathered factors
+        gets its own adapter's update; a name this layer does not carry counts as none. Without grad,
+        adapters of one k share two batched matmuls, each sample with its adapter's gathered factors
         (`_gathered_update`); otherwise each run of consecutive samples with the same adapter gets that
         adapter's update in place, as PEFT's `_mixed_batch_forward` groups rows per adapter."""
         previous_dtype = x.dtype

@@ -175,6 +175,26 @@ def test_refused_swaps_change_nothing(files, tmp_path):
         other.load_gralora_weights(bad["gralora_k=4 cannot take the place of k=2"])
 
 
+def test_tensor_scalings_fuse_scale_and_unfuse_like_floats(files):
+    """After enable_gralora_hotswap the scalings are tensors; fusing, per-call scale and unfusing act as on floats."""
+    from conftest import outputs
+
+    plain, swappable = fresh_pipe(), fresh_pipe()
+    swappable.enable_gralora_hotswap(target_rank=16)
+    for pipe in (plain, swappable):
+        pipe.load_gralora_weights(files[8], adapter_name="x")
+    layer = next(m for m in swappable.unet.modules() if isinstance(m, gd.GraloraLinear))
+    assert isinstance(layer.scaling["x"], torch.Tensor) and layer.r["x"] == 16
+    torch.testing.assert_close(outputs(swappable), outputs(plain), rtol=0, atol=1e-5)
+    before = outputs(swappable)
+    for pipe in (plain, swappable):
+        pipe.fuse_gralora(gralora_scale=0.5)
+    torch.testing.assert_close(outputs(swappable), outputs(plain), rtol=0, atol=1e-5)
+    swappable.unfuse_gralora()
+    assert float(layer.scaling["x"]) == layer.base_scaling("x")
+    torch.testing.assert_close(outputs(swappable), before, rtol=0, atol=1e-6)
+
+
 def test_plain_lora_files_hotswap_through_diffusers(tmp_path):
     """The LoRA baseline's files (UNet weights) go through diffusers' own hotswap after enable_gralora_hotswap."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
