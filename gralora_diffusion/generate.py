@@ -23,9 +23,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR, torch_dtype
 from .errors import GraloraConfigError
+from .numbers import limited
+from .outputs import OWNER_FILE, claim_folder, mark_folder, owner
 
 TINY = "tiny"
-MARKER = ".gralora-generate"  # in every folder generate writes to: the images beside it are ours
+MARKER = OWNER_FILE  # in every folder generate writes to (outputs.py): the images beside it are ours
 OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
 WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
 LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
@@ -131,6 +133,12 @@ def prompt_adapters(prompts: list[str], adapters: list[str], pair_in_order: bool
 
 def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise GraloraConfigError(f"--device {device!r}: not a device; use cpu or cuda (cuda:0, ...).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GraloraConfigError(f"--device {device}: torch {torch.__version__} sees no CUDA device here; use --device cpu.")
     if dtype is not None:
         dtype = torch_dtype(dtype)
     return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
@@ -147,24 +155,22 @@ def check_adapter_paths(paths) -> None:
 
 
 def check_output_dir(output_dir) -> None:
-    """Refuse a file, and a folder holding images or captions that generate did not write (a training
-    set, say): generate writes only into new or empty folders, or folders it marked itself."""
-    from .constants import IMAGE_SUFFIXES
+    """The output rule (outputs.claim_folder) for generate: a new or empty folder, or one generate made
+    before; a file, another command's folder, or a folder holding images or captions generate did not
+    write (a training set) is refused. Nothing is written here."""
+    claim_folder(output_dir, "generate", "output_dir", own=OUR_IMAGE, write=False)
 
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise GraloraConfigError(f"output_dir {output_dir}: is a file, not a folder; give a folder path (created if missing).")
-    if not path.is_dir():
+
+def _replace_earlier_images(output_dir: Path, say) -> None:
+    """generate's own folder again: the images an earlier run wrote go, so a grid never sits beside
+    another run's images (outputs never mix). Only files generate names and made (OUR_IMAGE, marked)."""
+    if owner(output_dir) != "generate":
         return
-    ours = (path / MARKER).is_file()
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    images = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-    foreign = [p.name for p in files if (p.suffix.lower() in IMAGE_SUFFIXES and not (ours and OUR_IMAGE.fullmatch(p.name)))
-               or p.name == "metadata.jsonl" or (p.suffix == ".txt" and p.stem in images)]
-    if foreign:
-        raise GraloraConfigError(
-            f"output_dir {output_dir}: holds {len(foreign)} image or caption file(s) generate did not write "
-            f"(e.g. {foreign[0]}), such as a training set; give a new or empty folder (default: {DEFAULT_OUTPUT_DIR}/).")
+    earlier = [p for p in output_dir.iterdir() if p.is_file() and not p.is_symlink() and OUR_IMAGE.fullmatch(p.name)]
+    for path in earlier:
+        path.unlink()
+    if earlier and say:
+        say(f"Replaced {len(earlier)} images an earlier generate run wrote in {output_dir}/")
 
 
 def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
@@ -269,7 +275,12 @@ def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple
             for i, (name, weight, (path, _)) in enumerate(zip(names, weights, adapters)) for s, label in zip(scales, labels)]
 
 
-def _check_settings(prompts, seeds, scales, steps, height, width) -> None:
+def _check_settings(prompts, seeds, scales, steps, height, width, guidance=5.0) -> None:
+    for name, values in (("seeds", seeds), ("scales", scales)):
+        for value in values:
+            limited(name, value, f"--{name}")
+    for name, value in (("steps", steps), ("height", height), ("width", width), ("guidance", guidance)):
+        limited(name, value, f"--{name}")
     if not prompts:
         raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
     if not seeds or not scales:
@@ -315,7 +326,9 @@ def generate_samples(
     from .any_adapter import LORA, load_any_adapter
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
 
-    _check_settings(prompts, seeds, scales, steps, height, width)
+    _check_settings(prompts, seeds, scales, steps, height, width, guidance)
+    for path, weight in adapters:  # the number rule before anything loads (the loader checks it again)
+        limited("weight", weight, f"--adapter {path}:weight")
     check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
     if per_image_adapters is not None:
@@ -325,14 +338,14 @@ def generate_samples(
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
-    lora, weights = LORA in kinds, [float(w) for _, w in adapters]
+    lora, weights = LORA in kinds, [float(w) for _, w in adapters]  # each checked by load_any_adapter's loader
     if per_image_adapters is not None and lora:
         raise GraloraConfigError(f"--per_image_adapters: {adapters[kinds.index(LORA)][0]} is a plain LoRA; per-image "
                                  "adapters are GraLoRA adapters only.")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / MARKER).write_text("Written by gralora-diffusion generate: it writes only into folders holding this file "
-                                     "or no images.\n")
+    claim_folder(output_dir, "generate", "output_dir", own=OUR_IMAGE, write=False)  # again: it may have changed meanwhile
+    _replace_earlier_images(output_dir, print if progress else None)
+    mark_folder(output_dir, "generate")
     rows, columns = [(p, s) for p in prompts for s in seeds], _columns(adapters, names, weights, scales, side_by_side)
     paths = [output_dir / f"{r // len(seeds):02d}_{_slug(p)}_seed{s}_{tag}.png" for r, (p, s) in enumerate(rows) for *_, tag in columns]
     result = GenerateResult(output_dir, output_dir / "grid.png", paths, rows, list(scales), dict(zip(names, weights)),
@@ -354,7 +367,7 @@ def generate_samples(
                                                     guidance_scale=guidance, height=height, width=width, **kwargs)
                             for p, image in enumerate(made):
                                 images[p * len(seeds) + r][c] = image
-                        images[r][c].save(result.images[r * len(columns) + c])
+                        save_image(images[r][c], result.images[r * len(columns) + c])
                         if bar is not None:
                             bar.update(1)
                         continue
@@ -363,7 +376,7 @@ def generate_samples(
                             prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                             height=height, width=width, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs,
                         ).images[0]
-                    images[r][c].save(result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
+                    save_image(images[r][c], result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
                     if bar is not None:
                         bar.update(1)
             finally:
@@ -379,7 +392,7 @@ def generate_samples(
 
         label = ["base" if i is None else adapter_label(adapters[i][0]) for i in per_image_adapters]
         row_labels = [f"{text} [{label[r // len(seeds)]}]" for r, text in enumerate(row_labels)]
-    labelled_grid(images, row_labels, result.columns).save(result.grid)
+    save_image(labelled_grid(images, row_labels, result.columns), result.grid)
     return result
 
 
@@ -399,3 +412,10 @@ def _per_image_batch(pipe, prompts, names, seed: int, **kwargs) -> list:
     with quiet_known_noise():
         return pipe(list(prompts), generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in prompts],
                     gralora_adapter_names=names, **kwargs).images
+
+
+def save_image(image: Image.Image, path) -> None:
+    """A PNG written atomically (the output rule's writer): a stopped run leaves no half image."""
+    from .atomic import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
