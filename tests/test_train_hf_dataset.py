@@ -1,0 +1,214 @@
+"""Training from 🤗 datasets in every layout users keep them: an imagefolder with metadata.jsonl or
+metadata.csv, parquet files, a save_to_disk folder, and a Hub dataset in huggingface_hub's cache
+offline. Each image is one solid colour and its caption names it, so what the trainer sees (the
+pixels and prompt of every item) is checked against the dataset, row by row."""
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import pytest
+import torch
+from PIL import Image
+
+import gralora_diffusion as gd
+from gralora_diffusion.errors import TrainConfigError
+from gralora_diffusion.tiny import TINY_MODEL_ID
+from gralora_diffusion.train import TrainConfig, loss, train
+from gralora_diffusion.train.data import EMPTY_PROMPT
+from gralora_diffusion.train.hf_dataset import dataset_records, instance_records, reference_images
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230), "yellow": (230, 230, 20)}
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def caption(name):
+    return f"a {name} square"
+
+
+def images():
+    return {name: Image.new("RGB", (80, 64), rgb) for name, rgb in COLOURS.items()}
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """datasets prepares Arrow files in its cache: a temporary one, never the user's."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+
+
+def imagefolder(folder: Path, metadata="jsonl", caption_key="text") -> Path:
+    folder.mkdir(parents=True)
+    rows = []
+    for name, image in images().items():
+        image.save(folder / f"{name}.png")
+        rows.append({"file_name": f"{name}.png", caption_key: caption(name)})
+    if metadata == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with open(folder / "metadata.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return folder
+
+
+def in_memory(**extra) -> datasets.Dataset:
+    named = images()
+    data = {"picture": list(named.values()), "caption": [caption(n) for n in named], **extra}
+    features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),
+                                  **{k: datasets.Value("int32") for k in extra}})
+    return datasets.Dataset.from_dict(data, features=features)
+
+
+def parquet_folder(folder: Path) -> Path:
+    (folder / "data").mkdir(parents=True)
+    in_memory().to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+def run(tmp_path, seen=None, name="out", **kw):
+    settings = dict(pretrained_model_name_or_path=TINY_MODEL_ID, output_dir=str(tmp_path / name), resolution=64,
+                    train_batch_size=2, max_train_steps=2, learning_rate=1e-3, rank=4, seed=0, report_to="none",
+                    checkpointing_steps=1000, image_cache_mb=0)
+    return train(TrainConfig(**{**settings, **kw}), pipeline=gd.tiny_sdxl_pipeline(seed=0))
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """Every (prompt, mean colour) the loss is given: the real BatchLoss, watched."""
+    items = []
+    real = loss.BatchLoss.__call__
+
+    def watched(self, batch):
+        means = ((batch["pixel_values"].mean(dim=(2, 3)) + 1) * 127.5).round()
+        items.extend(zip(batch["prompts"], [tuple(int(v) for v in m) for m in means]))
+        return real(self, batch)
+
+    monkeypatch.setattr(loss.BatchLoss, "__call__", watched)
+    return items
+
+
+def assert_items_are_the_datasets(items, count):
+    assert len(items) == count
+    by_caption = {caption(n): rgb for n, rgb in COLOURS.items()}
+    for prompt, mean in items:
+        assert prompt in by_caption, prompt
+        assert all(abs(a - b) <= 2 for a, b in zip(mean, by_caption[prompt])), (prompt, mean)
+
+
+@pytest.mark.parametrize("layout", ["imagefolder-jsonl", "imagefolder-csv", "parquet", "save_to_disk", "hub-cache"])
+def test_trains_from_each_layout_on_the_datasets_images_and_captions(tmp_path, monkeypatch, seen, layout):
+    if layout.startswith("imagefolder"):
+        name = str(imagefolder(tmp_path / "data", layout.split("-")[1], "text" if layout.endswith("jsonl") else "caption"))
+    elif layout == "parquet":
+        name = str(parquet_folder(tmp_path / "data"))
+    elif layout == "save_to_disk":
+        datasets.DatasetDict({"train": in_memory()}).save_to_disk(str(tmp_path / "data"))
+        name = str(tmp_path / "data")
+    else:  # huggingface_hub's cache layout, offline: blobs, snapshots/<commit>, refs/main
+        hub = tmp_path / "hub"
+        repo = hub / "datasets--someone--squares"
+        parquet_folder(tmp_path / "files")
+        data = (tmp_path / "files" / "data" / "train-00000-of-00001.parquet").read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / COMMIT / "data" / "train-00000-of-00001.parquet"
+        link.parent.mkdir(parents=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(COMMIT)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        name = "someone/squares"
+    result = run(tmp_path, dataset_name=name, random_flip=True)
+    assert result.global_step == 2 and result.weights_path.is_file()
+    assert_items_are_the_datasets(seen, 4)
+    assert {p for p, _ in seen} <= {caption(n) for n in COLOURS}
+
+
+def test_a_wrong_or_missing_column_is_one_line_naming_the_columns(tmp_path):
+    folder = tmp_path / "saved"
+    in_memory().save_to_disk(str(folder))
+    cfg = TrainConfig(dataset_name=str(folder), image_column="image", output_dir=str(tmp_path / "o")).validate(need_model=False)
+    with pytest.raises(TrainConfigError) as err:
+        instance_records(cfg)
+    assert "\n" not in str(err.value) and "'image' is not a column" in str(err.value) and "picture, caption" in str(err.value)
+    cfg.image_column, cfg.caption_column = None, "text"
+    with pytest.raises(TrainConfigError, match=r"--caption_column 'text' is not a column; its columns are picture, caption"):
+        instance_records(cfg)
+
+
+def test_defaults_from_features_and_uncaptioned_rows_take_the_instance_prompt(tmp_path):
+    folder = tmp_path / "saved"
+    named = images()
+    datasets.Dataset.from_dict({"img": list(named.values()), "label": [None, "b", "", None]},
+                               features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("string")})
+                               ).save_to_disk(str(folder))
+    cfg = TrainConfig(dataset_name=str(folder), output_dir=str(tmp_path / "o"))
+    with pytest.raises(TrainConfigError, match=r"3 row\(s\) \(row 0, row 2, row 3\) have no caption column \('label' is empty there\)"):
+        instance_records(cfg)
+    cfg.instance_prompt = "a photo of sks square"
+    records = instance_records(cfg)
+    assert [r.caption for r in records] == ["a photo of sks square", "b", "a photo of sks square", "a photo of sks square"]
+    cfg.max_train_samples = 2
+    assert len(instance_records(cfg)) == 2
+
+
+def test_bucket_sizes_come_from_stored_columns_without_reading_images(tmp_path, monkeypatch):
+    folder = tmp_path / "saved"
+    in_memory(height=[64, 64, 128, 64], width=[64, 128, 64, 64]).save_to_disk(str(folder))
+    cfg = TrainConfig(dataset_name=str(folder), output_dir=str(tmp_path / "o"), aspect_buckets="64,64;64,128;128,64")
+    from gralora_diffusion.train import hf_dataset
+
+    monkeypatch.setattr(hf_dataset, "displayed_size", lambda _: pytest.fail("an image header was read"))
+    assert [r.size for r in dataset_records(cfg, need_sizes=True)] == [(64, 64), (64, 128), (128, 64), (64, 64)]
+    monkeypatch.undo()
+    in_memory().save_to_disk(str(tmp_path / "nosizes"))
+    cfg.dataset_name = str(tmp_path / "nosizes")
+    assert {r.size for r in dataset_records(cfg, need_sizes=True)} == {(64, 80)}  # from each header
+    assert {r.size for r in dataset_records(cfg, need_sizes=False)} == {(0, 0)}  # not read without buckets
+
+
+def test_reference_images_are_the_datasets(tmp_path):
+    folder = tmp_path / "saved"
+    in_memory().save_to_disk(str(folder))
+    cfg = TrainConfig(dataset_name=str(folder), output_dir=str(tmp_path / "o"))
+    refs = reference_images(cfg)
+    assert [im.getpixel((3, 3)) for im in refs] == list(COLOURS.values())
+
+
+def test_caption_dropout_trains_the_empty_prompt_as_the_pipeline_encodes_it(tmp_path, seen):
+    folder = imagefolder(tmp_path / "data")
+    run(tmp_path, dataset_name=str(folder), caption_dropout=0.5, max_train_steps=4)
+    dropped = [p for p, _ in seen if p == EMPTY_PROMPT]
+    assert 0 < len(dropped) < len(seen)
+    pipe = gd.tiny_sdxl_pipeline(seed=0)
+    cfg = TrainConfig(output_dir=str(tmp_path / "x"), dataset_name=str(folder))
+    batch_loss = loss.BatchLoss(cfg, pipe, pipe.unet, (pipe.text_encoder, pipe.text_encoder_2), None, torch.float32, "cpu")
+    embeds, pooled = batch_loss.text_conditioning([EMPTY_PROMPT, "a red square"])
+    # SDXL's force_zeros_for_empty_prompt: the pipeline's unconditional embedding is zeros
+    _, negative, _, negative_pooled = pipe.encode_prompt("a red square", do_classifier_free_guidance=True)
+    assert torch.equal(embeds[0], negative[0]) and torch.equal(pooled[0], negative_pooled[0])
+    assert embeds[1].abs().sum() > 0
+
+
+def test_flags_need_a_dataset_and_one_source(tmp_path):
+    with pytest.raises(TrainConfigError, match="give one of them"):
+        TrainConfig(instance_data_dir="x", dataset_name="y").validate(need_model=False)
+    with pytest.raises(TrainConfigError, match="--image_column, --streaming: dataset settings; they need --dataset_name"):
+        TrainConfig(instance_data_dir="x", image_column="i", streaming=True).validate(need_model=False)
+    with pytest.raises(TrainConfigError, match=r"--caption_dropout=1.0: a share in \[0, 1\)"):
+        TrainConfig(dataset_name="y", caption_dropout=1.0).validate(need_model=False)
+    with pytest.raises(TrainConfigError, match="--streaming: give --max_train_steps"):
+        TrainConfig(dataset_name="y", streaming=True).validate(need_model=False)
+    with pytest.raises(TrainConfigError, match="--dataset_name nowhere/none: cannot load it"):
+        instance_records(TrainConfig(dataset_name="nowhere/none"))
