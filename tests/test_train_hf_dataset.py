@@ -212,3 +212,90 @@ def test_flags_need_a_dataset_and_one_source(tmp_path):
         TrainConfig(dataset_name="y", streaming=True).validate(need_model=False)
     with pytest.raises(TrainConfigError, match="--dataset_name nowhere/none: cannot load it"):
         instance_records(TrainConfig(dataset_name="nowhere/none"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_streaming_resumed_after_an_interruption_sees_each_row_as_often_as_an_uninterrupted_run(tmp_path, seen):
+    """5 updates of 2 rows over 4 rows: data epochs 0, 1 and half of 2, reshuffled each; stopped after
+    step 3 (checkpoint at 2), resumed from `latest`: the same rows, pixels, captions and losses."""
+    folder = str(parquet_folder(tmp_path / "data"))
+    settings = dict(dataset_name=folder, streaming=True, max_train_steps=5, checkpointing_steps=2, random_flip=True,
+                    caption_dropout=0.3)
+    whole = run(tmp_path, name="whole", **settings)
+    uninterrupted = list(seen)
+    assert len(uninterrupted) == 10
+    counts = {p: sum(1 for q, _ in uninterrupted if q == p) for p, _ in uninterrupted}
+    assert len({caption(n) for n in COLOURS} - set(counts)) <= 1  # the stream went round more than once (dropped captions aside)
+
+    seen.clear()
+
+    def stop(step, _):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(TrainConfig(pretrained_model_name_or_path=TINY_MODEL_ID, output_dir=str(tmp_path / "cut"), resolution=64,
+                          train_batch_size=2, learning_rate=1e-3, rank=4, seed=0, report_to="none", image_cache_mb=0, **settings),
+              pipeline=gd.tiny_sdxl_pipeline(seed=0), on_step=stop)
+    before = seen[:4]  # the 2 updates the checkpoint holds
+    seen.clear()
+    resumed = run(tmp_path, name="cut", resume_from_checkpoint="latest", **settings)
+    assert before + seen == uninterrupted  # row by row: prompt and mean colour
+    assert resumed.losses == whole.losses[2:]
+
+
+@pytest.mark.slow
+def test_a_killed_streaming_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_dir, monkeypatch):
+    """SIGKILL after checkpoint-4 of 8 (the project's kill/resume pattern, tests/test_kill_resume.py)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from conftest import SUBPROCESS_ENV
+    from test_kill_resume import run_until, unet_weights
+
+    env = {**SUBPROCESS_ENV, "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
+    folder = str(parquet_folder(tmp_path / "data"))
+
+    def command(out, *extra):
+        return [sys.executable, str(ROOT / "scripts" / "train_dreambooth_gralora_sdxl.py"), "--pretrained_model_name_or_path",
+                str(tiny_dir), "--dataset_name", folder, "--streaming", "--output_dir", str(out), "--resolution", "64",
+                "--train_batch_size", "2", "--max_train_steps", "8", "--checkpointing_steps", "2", "--learning_rate", "1e-3",
+                "--rank", "4", "--seed", "0", "--report_to", "none", "--random_flip", "--caption_dropout", "0.2", *extra]
+
+    whole = subprocess.run(command(tmp_path / "whole"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "cut"
+    import test_kill_resume
+
+    monkeypatch.setattr(test_kill_resume, "ENV", env)  # run_until's environment
+    assert run_until(command(out), tmp_path, lambda: (out / "checkpoint-4" / "training_state.json").is_file())
+    assert not (out / "pytorch_gralora_weights.safetensors").exists()
+    resumed = subprocess.run(command(out, "--resume_from_checkpoint", "latest"), env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout + resumed.stderr
+    expected, got = unet_weights(tmp_path / "whole"), unet_weights(out)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_evaluate_scores_against_the_datasets_images_as_against_the_same_folder(tmp_path, capsys):
+    from gralora_diffusion.cli import main as cli_main
+    from gralora_diffusion.tiny_scorers import save_tiny_scorers
+
+    dino, _ = save_tiny_scorers(tmp_path / "scorers")
+    folder = imagefolder(tmp_path / "folder")
+    in_memory().save_to_disk(str(tmp_path / "saved"))
+    scores = {}
+    for source in (["--instance_data_dir", str(folder)], ["--dataset_name", str(tmp_path / "saved")]):
+        out = tmp_path / source[0].strip("-")
+        assert cli_main(["evaluate", *source, "--prompt", "a red square", "--seeds", "0", "--steps", "1", "--dino_model",
+                         str(dino), "--clip_model", "none", "--output_dir", str(out), "--json", str(out / "r.json")]) == 0
+        scores[source[0]] = json.loads((out / "r.json").read_text())["variants"][0]["metrics"]
+    assert scores["--instance_data_dir"] == scores["--dataset_name"] and "dino" in scores["--dataset_name"]
+    assert cli_main(["evaluate", "--prompt", "x", "--output_dir", str(tmp_path / "none")]) == 2
+    assert "--instance_data_dir FOLDER (the subject photos) or --dataset_name" in capsys.readouterr().err

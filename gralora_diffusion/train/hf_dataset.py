@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..constants import REFERENCE_IMAGES
 from ..errors import TrainConfigError
 from .data import _UNREADABLE, CAPTION_KEYS, DreamBoothDataset, ImageRecord, collate, displayed_size, drop_caption, load_image
 
@@ -34,7 +35,6 @@ logger = logging.getLogger("gralora_diffusion.train")
 
 SIZE_COLUMNS = (("height", "width"), ("original_height", "original_width"))
 SHUFFLE_BUFFER = 1000  # rows a streamed dataset is shuffled within (datasets' IterableDataset.shuffle)
-REFERENCE_IMAGES = 64  # instance images evaluate/compare/--validation_metrics score against, at most
 
 
 @dataclass(frozen=True)

@@ -100,12 +100,12 @@ class BatchLoss:
         if not self.cache_text:
             with torch.no_grad() if not self.cfg.train_text_encoder else contextlib.nullcontext():
                 return encode_prompts(tokenizers, self.text_encoders, prompts, self.device)
-        missing = sorted({p for p in prompts if p not in self.text_cache})
-        if missing:
+        # one prompt at a time: a prompt's cached embedding must not depend on which prompts shared its
+        # first batch (batched matmuls differ in the last bits), or a resumed run drifts from an unbroken one
+        for prompt in sorted({p for p in prompts if p not in self.text_cache}):
             with torch.no_grad():
-                embeds, pooled = encode_prompts(tokenizers, self.text_encoders, missing, self.device)
-            for p, e, q in zip(missing, embeds, pooled):
-                self.text_cache[p] = (e, q)
+                embeds, pooled = encode_prompts(tokenizers, self.text_encoders, [prompt], self.device)
+            self.text_cache[prompt] = (embeds[0], pooled[0])
         found = [self.text_cache[p] for p in prompts]
         return torch.stack([e.to(self.device) for e, _ in found]), torch.stack([q.to(self.device) for _, q in found])
 
