@@ -223,13 +223,19 @@ def test_streaming_resumed_after_an_interruption_sees_each_row_as_often_as_an_un
     """5 updates of 2 rows over 4 rows: data epochs 0, 1 and half of 2, reshuffled each; stopped after
     step 3 (checkpoint at 2), resumed from `latest`: the same rows, pixels, captions and losses."""
     folder = str(parquet_folder(tmp_path / "data"))
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    for i, grey in enumerate((100, 160, 200)):
+        Image.new("RGB", (64, 64), (grey,) * 3).save(classes / f"class-{i:05d}.png")
     settings = dict(dataset_name=folder, streaming=True, max_train_steps=5, checkpointing_steps=2, random_flip=True,
-                    caption_dropout=0.3)
+                    caption_dropout=0.3, with_prior_preservation=True, class_data_dir=str(classes), class_prompt="a square",
+                    num_class_images=3)
     whole = run(tmp_path, name="whole", **settings)
     uninterrupted = list(seen)
-    assert len(uninterrupted) == 10
-    counts = {p: sum(1 for q, _ in uninterrupted if q == p) for p, _ in uninterrupted}
-    assert len({caption(n) for n in COLOURS} - set(counts)) <= 1  # the stream went round more than once (dropped captions aside)
+    assert len(uninterrupted) == 20 and sum(1 for p, _ in uninterrupted if p == "a square") == 10
+    rows = [colour for prompt, colour in uninterrupted if prompt != "a square"]  # a row is known by its colour
+    assert sorted(rows.count(rgb) for rgb in COLOURS.values()) == [2, 2, 3, 3]  # two passes, and half a third
+    assert any(p == EMPTY_PROMPT for p, _ in uninterrupted)
 
     seen.clear()
 
@@ -241,7 +247,7 @@ def test_streaming_resumed_after_an_interruption_sees_each_row_as_often_as_an_un
         train(TrainConfig(pretrained_model_name_or_path=TINY_MODEL_ID, output_dir=str(tmp_path / "cut"), resolution=64,
                           train_batch_size=2, learning_rate=1e-3, rank=4, seed=0, report_to="none", image_cache_mb=0, **settings),
               pipeline=gd.tiny_sdxl_pipeline(seed=0), on_step=stop)
-    before = seen[:4]  # the 2 updates the checkpoint holds
+    before = seen[:8]  # the 2 updates the checkpoint holds (2 rows and their 2 class images each)
     seen.clear()
     resumed = run(tmp_path, name="cut", resume_from_checkpoint="latest", **settings)
     assert before + seen == uninterrupted  # row by row: prompt and mean colour
@@ -299,3 +305,49 @@ def test_evaluate_scores_against_the_datasets_images_as_against_the_same_folder(
     assert scores["--instance_data_dir"] == scores["--dataset_name"] and "dino" in scores["--dataset_name"]
     assert cli_main(["evaluate", "--prompt", "x", "--output_dir", str(tmp_path / "none")]) == 2
     assert "--instance_data_dir FOLDER (the subject photos) or --dataset_name" in capsys.readouterr().err
+
+
+def test_prior_preservation_with_a_dataset(tmp_path, seen):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(classes / f"class-{i:05d}.png")
+    run(tmp_path, dataset_name=str(imagefolder(tmp_path / "data")), with_prior_preservation=True,
+        class_data_dir=str(classes), class_prompt="a square", num_class_images=2)
+    instance = [s for s in seen if s[0] != "a square"]
+    assert_items_are_the_datasets(instance, 4)
+    assert [s for s in seen if s[0] == "a square"] == [("a square", (128, 128, 128))] * 4
+
+
+def test_latents_and_text_embeddings_beyond_the_budget_go_to_disk_keyed_by_model_and_data(tmp_path):
+    folder = str(imagefolder(tmp_path / "data"))
+    in_memory_run = run(tmp_path, name="memory", dataset_name=folder, cache_latents=True, max_train_steps=4)
+    on_disk = run(tmp_path, name="disk", dataset_name=folder, cache_latents=True, max_train_steps=4, embedding_cache_mb=0)
+    assert on_disk.losses == in_memory_run.losses
+    cache = tmp_path / "disk" / "cache"
+    latents, text = sorted(cache.glob("latents-*")), sorted(cache.glob("text-*"))
+    assert len(latents) == 1 and len(text) == 1
+    assert len(list(text[0].glob("*.safetensors"))) == len(COLOURS)  # one per caption
+    assert len(list(latents[0].glob("*.safetensors"))) >= 4  # one per image and crop
+    # a rerun over the same model and data reuses the files; a changed image gets a new namespace
+    again = run(tmp_path, name="disk", dataset_name=folder, cache_latents=True, max_train_steps=4, embedding_cache_mb=0)
+    assert again.losses == in_memory_run.losses and sorted(cache.glob("latents-*")) == latents
+    Image.new("RGB", (80, 64), (1, 2, 3)).save(Path(folder) / "red.png")
+    run(tmp_path, name="disk", dataset_name=folder, cache_latents=True, max_train_steps=1, embedding_cache_mb=0)
+    assert len(list(cache.glob("latents-*"))) == 2 and sorted(cache.glob("text-*")) == text
+    # and a changed model: another fingerprint
+    from gralora_diffusion.train.tensor_cache import module_fingerprint
+
+    vae = gd.tiny_sdxl_pipeline(seed=0).vae
+    before = module_fingerprint(vae)
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    assert module_fingerprint(vae) != before
+
+
+def test_compare_counts_the_datasets_rows(tmp_path):
+    from gralora_diffusion.compare import estimated_steps
+
+    in_memory().save_to_disk(str(tmp_path / "saved"))
+    cfg = TrainConfig(dataset_name=str(tmp_path / "saved"), train_batch_size=2, num_train_epochs=3)
+    assert estimated_steps(cfg) == 6

@@ -98,6 +98,8 @@ def open_dataset(name: str, config_name: str | None = None, split: str = "train"
 
     where = f"--dataset_name {name}"
     local = Path(name).expanduser()
+    shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars: ours are the training bars
     try:
         if local.is_dir() and _is_saved_to_disk(local):
             ds = datasets.load_from_disk(str(local))
@@ -118,6 +120,9 @@ def open_dataset(name: str, config_name: str | None = None, split: str = "train"
     except (ValueError, FileNotFoundError, ConnectionError, OSError, KeyError, ImportError,
             datasets.exceptions.DatasetNotFoundError) as err:
         raise TrainConfigError(f"{where}: cannot load it ({_one_line(err)}).") from None
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 @dataclass(frozen=True)
