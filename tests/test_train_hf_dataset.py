@@ -351,3 +351,12 @@ def test_compare_counts_the_datasets_rows(tmp_path):
     in_memory().save_to_disk(str(tmp_path / "saved"))
     cfg = TrainConfig(dataset_name=str(tmp_path / "saved"), train_batch_size=2, num_train_epochs=3)
     assert estimated_steps(cfg) == 6
+
+
+def test_a_streamed_run_resumes_only_with_the_same_stream_and_cut(tmp_path):
+    from gralora_diffusion.train.checkpoint import shaping_settings
+
+    cfg = TrainConfig(dataset_name="d", streaming=True, max_train_steps=3, train_batch_size=2)
+    other = TrainConfig(dataset_name="d", streaming=True, max_train_steps=3, train_batch_size=4)
+    assert shaping_settings(cfg)["stream"] != shaping_settings(other)["stream"]
+    assert "stream" not in shaping_settings(TrainConfig(dataset_name="d"))  # loaded datasets resume by epoch and batch

@@ -29,7 +29,8 @@ import torch
 
 from ..constants import REFERENCE_IMAGES
 from ..errors import TrainConfigError
-from .data import _UNREADABLE, CAPTION_KEYS, DreamBoothDataset, ImageRecord, collate, displayed_size, drop_caption, load_image
+from .data import (_UNREADABLE, CAPTION_KEYS, DreamBoothDataset, ImageRecord, _item_rng, collate, displayed_size, drop_caption,
+                   load_image)
 
 logger = logging.getLogger("gralora_diffusion.train")
 
@@ -187,10 +188,11 @@ def dataset_records(cfg, need_sizes: bool) -> list[DatasetRecord]:
     ds, columns = prepare(ds, cfg.image_column, cfg.caption_column, where)
     label = f"{cfg.dataset_name}[{cfg.dataset_split}]"
     text_columns = [c for c in (columns.caption, *(columns.size or ())) if c]
-    meta = ds.select_columns(text_columns) if text_columns else None  # no image bytes read here
+    # captions and stored sizes as whole columns (no image bytes read, no per-row formatting)
+    table = ds.select_columns(text_columns).to_dict() if text_columns else {}
     records, uncaptioned = [], []
     for i in range(len(ds)):
-        row = meta[i] if meta is not None else {}
+        row = {name: values[i] for name, values in table.items()}
         caption = _caption(row, columns, cfg.instance_prompt)
         if not caption:
             uncaptioned.append(f"row {i}")
@@ -304,7 +306,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
     def example(self, position: int, row: dict) -> dict:
         record = self.record(position, row)
         target = (self.items.resolution, self.items.resolution)
-        rng = _position_rng(self.seed, position)
+        rng = _item_rng(self.seed, 0, position)
         example = {"instance": self.items._example(record, target, rng)}
         if self.items.classes:
             example["class"] = self.items._example(self.items.classes[position % len(self.items.classes)], target, rng)
@@ -327,10 +329,6 @@ class StreamBatches(torch.utils.data.IterableDataset):
             chunk = []
 
 
-def _position_rng(seed: int, position: int):
-    from .data import _item_rng
-
-    return _item_rng(seed, 0, position)
 
 
 def instance_records(cfg) -> list[ImageRecord]:
