@@ -208,6 +208,8 @@ def test_flags_need_a_dataset_and_one_source(tmp_path):
         TrainConfig(instance_data_dir="x", image_column="i", streaming=True).validate(need_model=False)
     with pytest.raises(TrainConfigError, match=r"--caption_dropout=1.0: a share in \[0, 1\)"):
         TrainConfig(dataset_name="y", caption_dropout=1.0).validate(need_model=False)
+    with pytest.raises(TrainConfigError, match="leave --dataloader_num_workers at 0"):
+        TrainConfig(dataset_name="y", streaming=True, max_train_steps=2, dataloader_num_workers=2).validate(need_model=False)
     with pytest.raises(TrainConfigError, match="--streaming: give --max_train_steps"):
         TrainConfig(dataset_name="y", streaming=True).validate(need_model=False)
     with pytest.raises(TrainConfigError, match="--dataset_name nowhere/none: cannot load it"):
@@ -360,3 +362,46 @@ def test_a_streamed_run_resumes_only_with_the_same_stream_and_cut(tmp_path):
     other = TrainConfig(dataset_name="d", streaming=True, max_train_steps=3, train_batch_size=4)
     assert shaping_settings(cfg)["stream"] != shaping_settings(other)["stream"]
     assert "stream" not in shaping_settings(TrainConfig(dataset_name="d"))  # loaded datasets resume by epoch and batch
+
+
+def stream_prompts(cfg, replicas=1, rank=0, start=0, micro=6):
+    from itertools import islice
+
+    from gralora_diffusion.train.data import DreamBoothDataset
+    from gralora_diffusion.train.hf_dataset import StreamBatches
+
+    batches = StreamBatches(cfg, DreamBoothDataset([], 64), cfg.train_batch_size, 0, replicas, rank)
+    batches.start = start
+    return [b["prompts"] for b in islice(batches, micro)]
+
+
+def test_stream_order_is_the_same_with_processes_and_a_late_start(tmp_path):
+    folder = str(parquet_folder(tmp_path / "data"))
+    cfg = TrainConfig(dataset_name=folder, streaming=True, max_train_steps=6, train_batch_size=2)
+    alone = stream_prompts(cfg)
+    assert stream_prompts(cfg, start=2, micro=4) == alone[2:]  # a resumed run continues where the first stopped
+    # two processes of batch 1 split each micro-batch of an uninterrupted batch-2 run
+    cfg.train_batch_size = 1
+    halves = [stream_prompts(cfg, replicas=2, rank=r) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == alone
+    cfg.max_train_samples, cfg.train_batch_size = 3, 3
+    assert len({p for batch in stream_prompts(cfg, micro=4) for p in batch}) == 3  # the first 3 rows, reshuffled each pass
+
+
+def test_dataset_config_name_picks_the_configuration(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "few").mkdir(parents=True)
+    (folder / "all").mkdir()
+    datasets.Dataset.from_dict({"image": list(images().values())[:1], "text": ["a red square"]},
+                               features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+                               ).to_parquet(str(folder / "few" / "train.parquet"))
+    in_memory().rename_column("picture", "image").rename_column("caption", "text").to_parquet(str(folder / "all" / "train.parquet"))
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: few\n  data_files: few/*.parquet\n"
+                                      "- config_name: all\n  data_files: all/*.parquet\n  default: true\n---\n")
+    cfg = TrainConfig(dataset_name=str(folder))
+    assert len(instance_records(cfg)) == 4
+    cfg.dataset_config_name = "few"
+    assert [r.caption for r in instance_records(cfg)] == ["a red square"]
+    cfg.dataset_config_name = "many"
+    with pytest.raises(TrainConfigError, match="--dataset_name .*: cannot load it .*many"):
+        instance_records(cfg)

@@ -267,6 +267,10 @@ class TrainConfig:
         if self.streaming and self.aspect_buckets:
             raise TrainConfigError("--streaming trains at the square --resolution; leave out --aspect_buckets, or load the "
                                    "dataset without --streaming.")
+        if self.streaming and self.dataloader_num_workers:
+            # datasets splits a stream's shards among DataLoader workers, so the order would depend on the shards
+            raise TrainConfigError("--streaming reads and decodes rows in the training process, in one fixed order; leave "
+                                   "--dataloader_num_workers at 0, or load the dataset without --streaming.")
 
     def checkpoint_path(self, value: str) -> Path:
         path = Path(value)

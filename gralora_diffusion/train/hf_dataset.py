@@ -258,8 +258,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
     The rows form one endless sequence: data epoch 0 (shuffled by seed within SHUFFLE_BUFFER rows),
     then epoch 1 (reshuffled), ... Global micro-batch m is rows [m·B·W, (m+1)·B·W); process r takes its
     B rows at offset r·B. Row p's augmentation and caption dropout draw from (seed, 0, p), so the item is
-    a function of its place in the sequence. DataLoader workers each read the stream and take every
-    K-th micro-batch; the DataLoader returns them round-robin, that is, in order."""
+    a function of its place in the sequence. Read in the training process (no DataLoader workers:
+    `datasets` would hand each worker only some of the stream's shards, and the order would follow them)."""
 
     def __init__(self, cfg, items: DreamBoothDataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
         where = f"--dataset_name {cfg.dataset_name}"
@@ -313,8 +313,6 @@ class StreamBatches(torch.utils.data.IterableDataset):
         return drop_caption(example, self.caption_dropout, self.seed, 0, position)
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
         per_micro = self.batch_size * self.num_replicas
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         chunk: list = []
@@ -323,7 +321,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
             chunk.append((position, row))
             if len(chunk) < per_micro:
                 continue
-            if micro >= self.start and (micro - self.start) % workers == worker:
+            if micro >= self.start:
                 yield collate([self.example(p, r) for p, r in chunk[mine]])
             micro += 1
             chunk = []

@@ -297,8 +297,7 @@ def micro_batches(run: Run, epoch: int):
     ga = run.cfg.gradient_accumulation_steps
     if isinstance(run.batches, StreamBatches):  # one endless epoch, read from its start, skipping what was trained on
         run.batches.start = run.global_step * ga
-        loader = torch.utils.data.DataLoader(run.batches, batch_size=None, num_workers=run.cfg.dataloader_num_workers,
-                                             generator=torch.Generator().manual_seed(run.cfg.seed))
+        loader = torch.utils.data.DataLoader(run.batches, batch_size=None, generator=torch.Generator().manual_seed(run.cfg.seed))
         for micro, batch in enumerate(loader, start=run.batches.start):
             yield batch, ga, (micro + 1) % ga == 0
         return
