@@ -73,14 +73,14 @@ def _is_saved_to_disk(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+def _cached_snapshot(repo_id: str) -> str | None:
     """The local snapshot of a Hub dataset in huggingface_hub's cache, or None. `datasets` offline only
     finds datasets it prepared itself; a `hf download --repo-type dataset` copy lives here."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True)
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
     except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
         return None
 
@@ -90,8 +90,7 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def open_dataset(name: str, config_name: str | None = None, split: str = "train", streaming: bool = False,
-                 revision: str | None = None):
+def open_dataset(name: str, config_name: str | None = None, split: str = "train", streaming: bool = False):
     """A `datasets.Dataset` (or `IterableDataset` when streaming) for --dataset_name; a one-line
     TrainConfigError when it cannot be found or read."""
     import datasets
@@ -113,9 +112,8 @@ def open_dataset(name: str, config_name: str | None = None, split: str = "train"
             raise TrainConfigError(f"{where}: is a file; give a folder of data files, a save_to_disk folder or a Hub id.")
         path = str(local) if local.is_dir() else name
         if not local.is_dir() and constants.HF_HUB_OFFLINE:
-            path = _cached_snapshot(name, revision) or name
-        return datasets.load_dataset(path, config_name, split=split, streaming=streaming,
-                                     revision=None if path != name else revision)
+            path = _cached_snapshot(name) or name
+        return datasets.load_dataset(path, config_name, split=split, streaming=streaming)
     except TrainConfigError:
         raise
     except (ValueError, FileNotFoundError, ConnectionError, OSError, KeyError, ImportError,
