@@ -407,3 +407,15 @@ def test_dataset_config_name_picks_the_configuration(tmp_path):
     cfg.dataset_config_name = "many"
     with pytest.raises(TrainConfigError, match="--dataset_name .*: cannot load it .*many"):
         instance_records(cfg)
+
+
+def test_cli_train_with_a_wrong_column_exits_2_with_one_line(tmp_path, capsys):
+    from gralora_diffusion.cli import main as cli_main
+
+    in_memory().save_to_disk(str(tmp_path / "saved"))
+    capsys.readouterr()  # datasets' saving bar
+    assert cli_main(["train", "--pretrained_model_name_or_path", "tiny", "--dataset_name", str(tmp_path / "saved"),
+                     "--caption_column", "prompt", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--caption_column 'prompt' is not a column; its columns are picture, caption" in err
+    assert not (tmp_path / "out").exists()  # nothing written
