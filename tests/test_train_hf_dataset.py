@@ -419,3 +419,20 @@ def test_cli_train_with_a_wrong_column_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--caption_column 'prompt' is not a column; its columns are picture, caption" in err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_compare_trains_and_scores_from_a_dataset(tmp_path, seen):
+    from gralora_diffusion.cli import main as cli_main
+    from gralora_diffusion.tiny_scorers import save_tiny_scorers
+
+    dino, _ = save_tiny_scorers(tmp_path / "scorers")
+    in_memory().save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "compare"
+    assert cli_main(["compare", "--pretrained_model_name_or_path", "tiny", "--dataset_name", str(tmp_path / "saved"),
+                     "--image_column", "picture", "--caption_column", "caption", "--resolution", "64", "--train_batch_size", "2",
+                     "--max_train_steps", "2", "--num_inference_steps", "1", "--report_to", "none", "--output_dir", str(out),
+                     "--dino_model", str(dino), "--clip_model", "none", "--eval_seeds", "0", "--eval_prompt", "a red square",
+                     "--variants", "gralora:r=4,k=2", "--num_threads", "1"]) == 0
+    assert_items_are_the_datasets(seen, 4)
+    results = json.loads((out / "results.json").read_text())
+    assert "dino" in json.dumps(results) and (out / "grid.png").is_file()
