@@ -41,7 +41,7 @@ SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", 
 EMBEDDED_BASES = ("tiny", "world")  # names load_base_pipeline builds in memory (no folder, no Hub id)
 BASE_FOLDER, RUN_FILE, EVAL_FOLDER, LOG_FILE = "base", "run.json", "eval", "train.log"
 # Settings that change no trained weight: a finished run still counts when only these differ.
-NOT_SHAPING = ("output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "checkpointing_steps",
+NOT_SHAPING = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "checkpointing_steps",
                "checkpoints_total_limit", "dataloader_num_workers", "push_to_hub", "hub_model_id", "validation_prompt",
                "validation_steps", "num_validation_images", "validation_metrics", "dino_model", "clip_model")
 
@@ -100,7 +100,8 @@ def run_config(cfg: TrainConfig, variant: Variant, seed: int) -> TrainConfig:
     """The base config with the variant's settings, one seed, its own folder; LoRA gets hybrid_r 0."""
     settings = {"hybrid_r": 0, **dict(variant.settings)} if variant.adapter == "lora" else dict(variant.settings)
     folder = Path(cfg.output_dir) / variant.name / f"seed{seed}"
-    return dataclasses.replace(cfg, **settings, seed=seed, output_dir=str(folder), resume_from_checkpoint=None, push_to_hub=False)
+    return dataclasses.replace(cfg, **settings, seed=seed, output_dir=str(folder), resume_from_checkpoint=None,
+                               overwrite_output_dir=True, push_to_hub=False)  # compare owns its run folders
 
 
 def comparable(cfg: TrainConfig) -> dict:
@@ -157,34 +158,61 @@ class PeakMemory:
 
 
 def read_record(folder: Path) -> dict:
+    """run.json, checked by type (a record compare did not write, or an edited one, is redone, never
+    trusted): {} when missing, unreadable or not of the shape compare writes."""
     path = folder / RUN_FILE
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:  # written while killed: the run is redone from its checkpoint
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, OSError):  # written while killed: the run is redone from its checkpoint
         return {}
+    return record if _record_shape_ok(record) else {}
+
+
+def _record_shape_ok(record) -> bool:
+    from .numbers import finite_number, whole_number
+
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        return False
+    try:
+        if "train" in record:
+            train = record["train"]
+            if not isinstance(train, dict) or not isinstance(train.get("weights"), str) or "/" in train["weights"]:
+                return False
+            whole_number(train.get("steps"), "steps", ValueError, low=0)
+            whole_number(train.get("parameters"), "parameters", ValueError, low=0, high=2**63 - 1)
+            for key in ("step_time_s", "peak_memory_mb"):
+                if train.get(key) is not None:
+                    finite_number(train[key], key, ValueError, low=0)
+        metrics = record.get("metrics", {})
+        if not isinstance(metrics, dict):
+            return False
+        for value in metrics.values():
+            if value is not None:
+                finite_number(value, "metric", ValueError)
+    except ValueError:
+        return False
+    return True
 
 
 def write_record(folder: Path, record: dict) -> None:
-    tmp = folder / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(folder / RUN_FILE)  # whole or not at all
+    from .atomic import atomic_write
+
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(folder / RUN_FILE, lambda tmp: Path(tmp).write_text(text))  # whole or not at all
 
 
 def save_images(folder: Path, images: list[list]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    from .generate import save_image
+
     for p, row in enumerate(images):
         for s, image in enumerate(row):
-            image.save(folder / f"p{p}-s{s}.png")
+            save_image(image, folder / f"p{p}-s{s}.png")
 
 
 def load_images(folder: Path, prompts: int, seeds: int) -> list[list]:
-    from PIL import Image
+    from .images import read_image
 
-    def load(path):
-        with Image.open(path) as image:
-            return image.convert("RGB")
-
-    return [[load(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
+    return [[read_image(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
 
 
 @contextlib.contextmanager
@@ -308,13 +336,18 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     from .evaluate import default_prompts, instance_scorers, subject_of
     from .generate import default_device_dtype, load_base_pipeline
     from .metrics import quiet_libraries
+    from .outputs import claim_folder
     from .train.hf_dataset import reference_images
 
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
     if not base:
         raise GraloraConfigError("--pretrained_model_name_or_path is required: tiny, world, a Hub id or a model folder.")
-    if seeds_per_variant < 1:
-        raise GraloraConfigError(f"--seeds_per_variant {seeds_per_variant}: at least 1.")
+    from .numbers import limited
+
+    limited("seeds_per_variant", seeds_per_variant)
+    limited("eval_guidance", guidance)
+    for seed in eval_seeds:
+        limited("eval_seeds", seed)
     first = 0 if cfg.seed is None else cfg.seed
     seeds = list(range(first, first + seeds_per_variant))
     runs = [(v, run_config(cfg, v, s)) for v in variants for s in seeds]
@@ -323,6 +356,8 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
             rcfg.validate(need_model=base not in EMBEDDED_BASES)
         except TrainConfigError as err:
             raise TrainConfigError(f"--variants {variant.spec}: {err}") from None
+    claim_folder(cfg.output_dir, "compare", protected=[(cfg.instance_data_dir, "instance images"),
+                                                       (cfg.class_data_dir, "class images")], own=re.compile(r"grid\.png"))
     subject = subject_of(cfg.instance_prompt)
     prompts = list(prompts or []) or (default_prompts(subject) if subject else [])
     if not prompts:

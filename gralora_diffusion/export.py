@@ -235,14 +235,25 @@ def check_not_source(dst: Path, adapter: AdapterFile) -> None:
     """Refuse a destination that is one of the files the adapter was read from, however it is
     spelled: the file, its folder's file, a PEFT folder's adapter_model.safetensors or
     adapter_config.json, through symlinks, `..` or a hard link. Nothing is written."""
+    from .outputs import check_output_file, same_file
+
     sources = [Path(f) for f in adapter.files] or [Path(str(adapter.source))]
-    target = dst.resolve()
     for source in sources:
-        same = target == source.resolve()
-        with contextlib.suppress(OSError):  # a hard link: another name for the same inode
-            same = same or os.path.samefile(dst, source)
-        if same:
+        if same_file(dst, source):  # through symlinks, `..` and hard links
             raise ExportError(f"{dst} is {source}, a file of the source adapter; pick another output path. Nothing was written.")
+    # the output rule (outputs.py): a new file, or an export of ours; never a link, never someone else's file
+    check_output_file(dst, "export-lora: the destination", owned=is_our_export, error=ExportError)
+
+
+def is_our_export(path) -> bool:
+    """A LoRA file export_lora wrote (its header says so), which a new export may replace."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "gralora_export" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours
+        return False
 
 
 @contextlib.contextmanager

@@ -172,7 +172,7 @@ def test_bucket_sizes_come_from_stored_columns_without_reading_images(tmp_path, 
     cfg = TrainConfig(dataset_name=str(folder), output_dir=str(tmp_path / "o"), aspect_buckets="64,64;64,128;128,64")
     from gralora_diffusion.train import hf_dataset
 
-    monkeypatch.setattr(hf_dataset, "displayed_size", lambda _: pytest.fail("an image header was read"))
+    monkeypatch.setattr(hf_dataset, "image_size", lambda _: pytest.fail("an image header was read"))
     assert [r.size for r in dataset_records(cfg, need_sizes=True)] == [(64, 64), (64, 128), (128, 64), (64, 64)]
     monkeypatch.undo()
     in_memory().save_to_disk(str(tmp_path / "nosizes"))
@@ -209,7 +209,7 @@ def test_flags_need_a_dataset_and_one_source(tmp_path):
         TrainConfig(instance_data_dir="x", dataset_name="y").validate(need_model=False)
     with pytest.raises(TrainConfigError, match="--image_column, --streaming: dataset settings; they need --dataset_name"):
         TrainConfig(instance_data_dir="x", image_column="i", streaming=True).validate(need_model=False)
-    with pytest.raises(TrainConfigError, match=r"--caption_dropout=1.0: a share in \[0, 1\)"):
+    with pytest.raises(TrainConfigError, match=r"--caption_dropout=1.0: must be in \[0, 1\)"):
         TrainConfig(dataset_name="y", caption_dropout=1.0).validate(need_model=False)
     with pytest.raises(TrainConfigError, match="leave --dataloader_num_workers at 0"):
         TrainConfig(dataset_name="y", streaming=True, max_train_steps=2, dataloader_num_workers=2).validate(need_model=False)
@@ -326,18 +326,21 @@ def test_prior_preservation_with_a_dataset(tmp_path, seen):
 def test_latents_and_text_embeddings_beyond_the_budget_go_to_disk_keyed_by_model_and_data(tmp_path):
     folder = str(imagefolder(tmp_path / "data"))
     in_memory_run = run(tmp_path, name="memory", dataset_name=folder, cache_latents=True, max_train_steps=4)
-    on_disk = run(tmp_path, name="disk", dataset_name=folder, cache_latents=True, max_train_steps=4, embedding_cache_mb=0)
+    cache = tmp_path / "cache"  # shared by the runs below (default: OUTPUT_DIR/cache)
+    on_disk = run(tmp_path, name="disk", dataset_name=folder, cache_latents=True, max_train_steps=4, embedding_cache_mb=0,
+                  cache_dir=str(cache))
     assert on_disk.losses == in_memory_run.losses
-    cache = tmp_path / "disk" / "cache"
     latents, text = sorted(cache.glob("latents-*")), sorted(cache.glob("text-*"))
     assert len(latents) == 1 and len(text) == 1
     assert len(list(text[0].glob("*.safetensors"))) == len(COLOURS)  # one per caption
     assert len(list(latents[0].glob("*.safetensors"))) >= 4  # one per image and crop
     # a rerun over the same model and data reuses the files; a changed image gets a new namespace
-    again = run(tmp_path, name="disk", dataset_name=folder, cache_latents=True, max_train_steps=4, embedding_cache_mb=0)
+    again = run(tmp_path, name="disk2", dataset_name=folder, cache_latents=True, max_train_steps=4, embedding_cache_mb=0,
+                cache_dir=str(cache))
     assert again.losses == in_memory_run.losses and sorted(cache.glob("latents-*")) == latents
     Image.new("RGB", (80, 64), (1, 2, 3)).save(Path(folder) / "red.png")
-    run(tmp_path, name="disk", dataset_name=folder, cache_latents=True, max_train_steps=1, embedding_cache_mb=0)
+    run(tmp_path, name="disk3", dataset_name=folder, cache_latents=True, max_train_steps=1, embedding_cache_mb=0,
+        cache_dir=str(cache))
     assert len(list(cache.glob("latents-*"))) == 2 and sorted(cache.glob("text-*")) == text
     # and a changed model: another fingerprint
     from gralora_diffusion.train.tensor_cache import module_fingerprint

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
-from ..numbers import finite_number
+from ..choices import check_choices
+from ..numbers import check_numbers
+from ..outputs import check_train_output
 from ..adapter_config import default_alpha, make_config
 from ..sources import check_model_path  # re-exported: part of this module's public names
 
@@ -112,6 +114,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _opt("keep at most N checkpoints")
     resume_from_checkpoint: str | None = _opt('a checkpoint folder, or "latest" in --output_dir')
     output_dir: str = _opt("where everything is written", default="gralora-dreambooth-model")
+    overwrite_output_dir: bool = _opt("train again into an --output_dir that holds a finished run (else refused)", default=False)
     seed: int | None = _opt("seed for a reproducible run")
     push_to_hub: bool = _opt("upload the adapter, model card and samples to the Hub when done (GraLoRA only)", default=False)
     hub_model_id: str | None = _opt("Hub repository for --push_to_hub (default: the --output_dir folder name)")
@@ -191,28 +194,13 @@ class TrainConfig:
     def validate(self, need_model: bool = True) -> "TrainConfig":
         self._check_types()
         self._check_finite_numbers()
+        check_choices(self.to_dict(), TrainConfigError)  # library lists (LR schedulers), before any model loads
         if self.report_to is None:  # what is installed: a fresh install has no tensorboard
             self.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
             self._report_to_chosen = True
         if need_model and not self.pretrained_model_name_or_path:
             raise TrainConfigError("--pretrained_model_name_or_path is required (a Hub id or a local folder, e.g. from `gralora-diffusion make-tiny DIR`).")
         self._check_data_source()
-        for name in ("repeats", "num_class_images", "sample_batch_size", "train_batch_size", "gradient_accumulation_steps",
-                     "num_train_epochs", "num_validation_images", "num_inference_steps", "checkpointing_steps", "rank"):
-            if getattr(self, name) < 1:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 1.")
-        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 1 (or left out).")
-        for name in ("learning_rate", "text_encoder_lr"):
-            if getattr(self, name) <= 0:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be > 0.")
-        for name in ("prior_loss_weight", "noise_offset", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers", "image_cache_mb",
-                     "embedding_cache_mb"):
-            if getattr(self, name) < 0:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 0.")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise TrainConfigError(f"--snr_gamma={self.snr_gamma}: must be > 0 (5.0 is the usual value), or left out.")
         if self.resolution < 8 or self.resolution % 8:
             raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
@@ -233,6 +221,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
                 raise TrainConfigError(f"--{name} {value}: is a file, not a folder. Give a folder path (it is created if missing).")
+        check_train_output(self, TrainConfigError)  # the output rule (outputs.py): folders apart, no finished run replaced
         self._check_targets()
         self._check_adapter()
         self._check_packages()
@@ -258,10 +247,6 @@ class TrainConfig:
                 given.append("streaming")
             if given:
                 raise TrainConfigError(f"--{', --'.join(given)}: dataset settings; they need --dataset_name.")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise TrainConfigError(f"--max_train_samples={self.max_train_samples}: must be >= 1 (or left out).")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise TrainConfigError(f"--caption_dropout={self.caption_dropout}: a share in [0, 1), e.g. 0.1.")
         if self.streaming and not self.max_train_steps:
             raise TrainConfigError("--streaming: give --max_train_steps (a streamed dataset's length is not known in advance).")
         if self.streaming and self.aspect_buckets:
@@ -311,12 +296,10 @@ class TrainConfig:
                 raise TrainConfigError(f"--{f.name}={value!r}: choose one of {', '.join(choices)}.")
 
     def _check_finite_numbers(self) -> None:
-        """Every float setting through the package's one number rule (`numbers.finite_number`):
-        argparse's float() and TOML/YAML files all accept nan and inf."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float):
-                finite_number(value, f"--{f.name}", TrainConfigError)
+        """Every number setting through the package's one number rule (`numbers`): finite, and inside
+        its stated range (`numbers.LIMITS`; others: float32 / C int). argparse's float() and TOML/YAML
+        files all accept nan, inf and 2**64."""
+        check_numbers(self.to_dict(), TrainConfigError)
 
     def _check_hub_repo_id(self) -> None:
         """Before training, not after it: the push is the run's last step."""
@@ -376,22 +359,26 @@ def read_config_file(path: Path) -> dict:
     """A .toml, .yaml/.yml or .json file holding {flag name: value}."""
     if not path.is_file():
         raise TrainConfigError(f"--config {path}: no such file.")
+    from ..settings_file import check_expansion, read_bounded
+
     suffix = path.suffix.lower()
     try:
+        text = read_bounded(path, TrainConfigError)  # size-bounded; YAML aliases bounded below
         if suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         elif suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         else:
             raise TrainConfigError(f"--config {path}: use a .toml, .yaml/.yml or .json file.")
+        check_expansion(data, path, TrainConfigError)
     except (ValueError, ImportError) as err:  # tomllib/yaml/json parse errors derive from ValueError (yaml: YAMLError)
         if isinstance(err, TrainConfigError):
             raise

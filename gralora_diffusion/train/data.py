@@ -16,16 +16,16 @@ import json
 import logging
 import math
 import random
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..constants import IMAGE_SUFFIXES
-from ..errors import TrainConfigError, UnreadableImageError
+from ..errors import ImageFileError, TrainConfigError, UnreadableImageError
+from ..images import UNREADABLE, image_size, read_image, to_rgb  # noqa: F401 - to_rgb: re-exported
 from .image_cache import ImageCache
 
 logger = logging.getLogger("gralora_diffusion.train")
@@ -42,47 +42,13 @@ class ImageRecord:
     size: tuple[int, int]  # (height, width) after EXIF rotation
 
     def source(self):
-        """What `load_image` opens (a dataset row gives its bytes: hf_dataset.DatasetRecord)."""
+        """What the image reader opens (a dataset row gives its bytes: hf_dataset.DatasetRecord)."""
         return self.path
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any mode: 16-bit and float scaled down, transparency flattened on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def load_image(path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()  # decodes fully: truncated files raise here
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
-
-
-# orientations 5-8 turn the picture by 90 degrees (ImageOps.exif_transpose swaps width and height)
-_TRANSPOSED = {5, 6, 7, 8}
-_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError)
-
-
-def displayed_size(path: Path) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, from the file's header: no pixel is decoded."""
-    with Image.open(path) as image:  # parses the header only; refuses decompression bombs
-        width, height = image.size
-        # the base class's getexif reads what the header gave (PNG's own would decode the image
-        # to look for an eXIf chunk after the pixels)
-        orientation = Image.Image.getexif(image).get(0x0112, 1)
-        if image.format == "PNG":
-            image.verify()  # chunk CRCs and the end of the file, without decompressing
-    return (width, height) if orientation in _TRANSPOSED else (height, width)
+# The one image reader (gralora_diffusion.images): these names stay for the trainer's other callers.
+load_image, displayed_size = read_image, image_size
+_UNREADABLE = (*UNREADABLE, ImageFileError)
 
 
 def read_text(path: Path, what: str) -> str:
@@ -146,7 +112,8 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
         try:
             size = displayed_size(path)
         except _UNREADABLE as err:
-            logger.warning("warning: skipping %s: unreadable image (%s)", path, str(err).split("\n")[0])
+            logger.warning("warning: skipping %s", str(err).split("\n")[0] if isinstance(err, ImageFileError)
+                           else f"{path}: unreadable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
             continue
         caption = caption_for(path, captions, prompt)
         if not caption:
@@ -226,10 +193,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         try:
             image = load_image(record.source())
         except _UNREADABLE as err:
-            raise UnreadableImageError(
-                f"{record.path}: cannot decode the image ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
-                "Remove or replace it."
-            ) from None
+            raise UnreadableImageError(str(err) if isinstance(err, ImageFileError) else
+                                       f"{record.path}: cannot decode the image ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
+                                       "Remove or replace it.") from None
         original = (image.height, image.width)
         th, tw = target
         scale = max(th / image.height, tw / image.width)  # cover the target; small images are upscaled

@@ -5,7 +5,7 @@
 Rows become the same `ImageRecord`s the folder path makes (`DatasetRecord`), so buckets, crops,
 caches and the loop do not care where an image came from. The image column is read with
 `Image(decode=False)`: a row gives its bytes (or file path) and pixels are decoded only when the
-item is used, by `data.load_image` like every other image. Sizes for aspect buckets come from the
+item is used, by `images.read_image` like every other image. Sizes for aspect buckets come from the
 rows' `height`/`width` columns when the dataset stores them, else from each image's header (never its
 pixels), and are not read at all without buckets.
 
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from ..constants import REFERENCE_IMAGES
-from ..errors import TrainConfigError
-from .data import (_UNREADABLE, CAPTION_KEYS, DreamBoothDataset, ImageRecord, _item_rng, collate, displayed_size, drop_caption,
-                   load_image)
+from ..errors import ImageFileError, TrainConfigError
+from ..images import ImageBytes, image_size, read_image
+from .data import CAPTION_KEYS, DreamBoothDataset, ImageRecord, _item_rng, collate, drop_caption
 
 logger = logging.getLogger("gralora_diffusion.train")
 
@@ -51,20 +51,20 @@ class DatasetRecord(ImageRecord):
 
 
 def image_source(value, where):
-    """What `load_image` opens for one image cell: a file path, or the bytes as a file object."""
+    """What the image reader (`images.read_image`, `image_size`) opens for one image cell: a file path,
+    or the bytes in memory, named by `where`."""
     if isinstance(value, dict):  # datasets' Image(decode=False): {"bytes": ..., "path": ...}
         if value.get("bytes"):
-            return io.BytesIO(value["bytes"])
+            return ImageBytes(value["bytes"], str(where))
         value = value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        return io.BytesIO(value)
+        return ImageBytes(bytes(value), str(where))
     if isinstance(value, str) and value:
         return Path(value)
-    if value is not None and hasattr(value, "convert"):  # a PIL image (a column read with decode=True)
+    if value is not None and hasattr(value, "save"):  # a PIL image (a column read with decode=True)
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")
-        buffer.seek(0)
-        return buffer
+        return ImageBytes(buffer.getvalue(), str(where))
     raise TrainConfigError(f"{where}: the image cell holds {type(value).__name__}, not an image (bytes, a file path or a PIL image).")
 
 
@@ -200,9 +200,9 @@ def dataset_records(cfg, need_sizes: bool) -> list[DatasetRecord]:
             size = (int(row[columns.size[0]]), int(row[columns.size[1]]))
         elif need_sizes:
             try:
-                size = displayed_size(image_source(ds[i][columns.image], f"{label} row {i}"))
-            except _UNREADABLE as err:
-                logger.warning("warning: skipping %s row %d: unreadable image (%s)", label, i, _one_line(err))
+                size = image_size(image_source(ds[i][columns.image], f"{label} row {i}"))
+            except ImageFileError as err:  # skipped, as the folder path skips unreadable files
+                logger.warning("warning: skipping %s", err)
                 continue
         records.append(DatasetRecord(path=Path(f"{label} row {i}"), caption=caption, size=size, rows=ds, row=i, column=columns.image))
     if uncaptioned:
@@ -229,7 +229,7 @@ def data_fingerprint(records) -> str:
 
 def reference_images(cfg, limit: int = REFERENCE_IMAGES) -> list:
     """The instance images for fidelity metrics (evaluate, compare, --validation_metrics), decoded by
-    `load_image`: the folder's images, or the dataset's first `limit` rows."""
+    `images.read_image`: the folder's images, or the dataset's first `limit` rows."""
     if not getattr(cfg, "dataset_name", None):
         from ..evaluate import read_instance_images
 
@@ -240,10 +240,7 @@ def reference_images(cfg, limit: int = REFERENCE_IMAGES) -> list:
     count = min(limit, cfg.max_train_samples or limit)
     images = []
     for i, row in enumerate(itertools.islice(iter(ds), count)):
-        try:
-            images.append(load_image(image_source(row[columns.image], f"{cfg.dataset_name} row {i}")))
-        except _UNREADABLE as err:
-            raise TrainConfigError(f"{where}: row {i}: cannot read the image ({_one_line(err)}).") from None
+        images.append(read_image(image_source(row[columns.image], f"{cfg.dataset_name}[{cfg.dataset_split}] row {i}")))
     if not images:
         raise TrainConfigError(f"{where}: split {cfg.dataset_split!r} has no rows.")
     return images
