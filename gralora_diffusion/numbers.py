@@ -78,6 +78,7 @@ LIMITS: dict[str, tuple] = {
     "caption_dropout": (0.0, 1.0, "high_open"),
     "prior_loss_weight": (0.0, 1e6), "max_grad_norm": (0.0, 1e6), "snr_gamma": (0.0, 1e6, "low_open"),
     "noise_offset": (0.0, 100.0), "lr_power": (0.0, 100.0),
+    "validation_epochs": (1, 1_000_000), "adam_weight_decay_text_encoder": (0.0, 100.0), "prodigy_beta3": (0.0, 1.0, "high_open"),
 }
 
 

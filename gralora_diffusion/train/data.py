@@ -131,23 +131,46 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
     return records
 
 
+def epoch_items(instances: int, repeats: int, classes: int = 0) -> int:
+    """Items in an epoch: every instance image `repeats` times, and every class image at least once."""
+    return max(instances * repeats, classes)
+
+
+def count_images(folder: Path) -> int:
+    """Image files in `folder` (by suffix, hidden ones left out), none if it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def resample_filter(mode: str) -> Image.Resampling:
+    """PIL's filter for an --image_interpolation_mode name (torchvision's nearest_exact is PIL's nearest)."""
+    return Image.Resampling[{"nearest_exact": "nearest"}.get(mode, mode).upper()]
+
+
 def _item_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{index}")
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index)."""
+    """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index).
+
+    An epoch covers max(instance images x repeats, class images) items, item i pairing instance
+    i mod (instances) with class image i mod (classes), as diffusers' DreamBooth dataset does: so
+    every class image is trained on once per epoch, not only the first len(instances) of them."""
 
     def __init__(self, instances, resolution, center_crop=False, random_flip=False, buckets=None, repeats=1, seed=0, classes=None,
-                 image_cache_mb=0, caption_dropout=0.0):
+                 image_cache_mb=0, interpolation="bilinear", caption_dropout=0.0):
         self.instances, self.classes = list(instances), list(classes or [])
         self.caption_dropout = caption_dropout
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.buckets, self.repeats, self.seed = buckets, repeats, seed
         self.cache = ImageCache(image_cache_mb)  # decoded, resized images by (path, target size)
+        self.resample = resample_filter(interpolation)
 
     def __len__(self) -> int:
-        return len(self.instances) * self.repeats
+        return epoch_items(len(self.instances), self.repeats, len(self.classes))
 
     def target_size(self, index: int) -> tuple[int, int]:
         if not self.buckets:
@@ -167,7 +190,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return drop_caption(example, self.caption_dropout, self.seed, epoch, index)
 
     def _example(self, record: ImageRecord, target: tuple[int, int], rng: random.Random) -> dict:
-        resized, original = self.cache.get((record.path, target), lambda: self.decode(record, target))
+        resized, original = self.cache.get((record.path, target), lambda: self.decode(record, target, self.resample))
         (th, tw), (height, width) = target, resized.shape[:2]
         if self.center_crop:
             top, left = (height - th) // 2, (width - tw) // 2
@@ -187,7 +210,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         }
 
     @staticmethod
-    def decode(record: ImageRecord, target: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    def decode(record: ImageRecord, target: tuple[int, int], resample=Image.Resampling.BILINEAR) -> tuple[np.ndarray, tuple[int, int]]:
         """The image as uint8 [height, width, 3], resized (small ones upscaled) to cover `target`,
         and its (height, width) as decoded: the part of an item that is the same at every step."""
         try:
@@ -201,7 +224,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         scale = max(th / image.height, tw / image.width)  # cover the target; small images are upscaled
         size = (max(tw, math.ceil(image.width * scale - 1e-6)), max(th, math.ceil(image.height * scale - 1e-6)))
         if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
+            image = image.resize(size, resample)
         return np.asarray(image, dtype=np.uint8), original
 
 
@@ -266,8 +289,7 @@ def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: i
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    missing = count - existing
+    missing = count - count_images(folder)
     if missing <= 0:
         return 0
     todo, i = [], 0
