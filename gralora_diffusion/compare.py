@@ -43,7 +43,8 @@ BASE_FOLDER, RUN_FILE, EVAL_FOLDER, LOG_FILE = "base", "run.json", "eval", "trai
 # Settings that change no trained weight: a finished run still counts when only these differ.
 NOT_SHAPING = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "checkpointing_steps",
                "checkpoints_total_limit", "dataloader_num_workers", "push_to_hub", "hub_model_id", "validation_prompt",
-               "validation_steps", "num_validation_images", "validation_metrics", "dino_model", "clip_model")
+               "validation_steps", "validation_epochs", "num_validation_images", "validation_metrics", "dino_model", "clip_model",
+               "output_kohya_format")
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ class Variant:
     @property
     def name(self) -> str:
         """Folder and column name: 'gralora_r32_k2', 'gralora_r16_k2_h8', 'lora_r32'."""
-        parts = [f"{SHORT.get(k, k)}{v}" for k, v in self.settings[1:]]
-        return re.sub(r"[^\w.+-]", "-", "_".join([self.adapter, *parts]))
+        parts = [f"{SHORT.get(k, k)}{v}" for k, v in self.settings[1:] if k != "use_dora"]
+        kind = "dora" if dict(self.settings).get("use_dora") else self.adapter
+        return re.sub(r"[^\w.+-]", "-", "_".join([kind, *parts]))
 
     @property
     def adapter(self) -> str:
@@ -63,13 +65,14 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """'gralora:r=32,k=2,hybrid_r=8' or 'lora:r=32' -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets)."""
+    """'gralora:r=32,k=2,hybrid_r=8', 'lora:r=32' or 'dora:r=8' (PEFT's DoRA, the LoRA baseline with
+    --use_dora) -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets)."""
     kind, _, rest = text.strip().partition(":")
-    example = "e.g. gralora:r=32,k=2 or lora:r=32"
-    if kind not in ("gralora", "lora"):
-        raise GraloraConfigError(f"--variants {text!r}: start with gralora: or lora: ({example}).")
+    example = "e.g. gralora:r=32,k=2, lora:r=32 or dora:r=8"
+    if kind not in ("gralora", "lora", "dora"):
+        raise GraloraConfigError(f"--variants {text!r}: start with gralora:, lora: or dora: ({example}).")
     hints = typing.get_type_hints(TrainConfig)
-    settings = {"adapter": kind}
+    settings = {"adapter": "lora", "use_dora": True} if kind == "dora" else {"adapter": kind}
     for item in filter(None, (i.strip() for i in rest.split(","))):
         key, sep, value = item.partition("=")
         key = ALIASES.get(key.strip(), key.strip())
@@ -81,8 +84,8 @@ def parse_variant(text: str) -> Variant:
             settings[key] = kind_of(value.strip())
         except ValueError:
             raise GraloraConfigError(f"--variants {text!r}: {key}={value!r} is not a {kind_of.__name__}.") from None
-    if kind == "lora" and ("gralora_k" in settings or settings.get("hybrid_r")):
-        raise GraloraConfigError(f"--variants {text!r}: k and hybrid_r are GraLoRA settings; plain LoRA takes r, alpha, dropout, lr.")
+    if kind != "gralora" and ("gralora_k" in settings or settings.get("hybrid_r")):
+        raise GraloraConfigError(f"--variants {text!r}: k and hybrid_r are GraLoRA settings; {kind} takes r, alpha, dropout, lr.")
     return Variant(text.strip(), tuple(settings.items()))
 
 
@@ -316,9 +319,12 @@ def estimated_steps(cfg: TrainConfig) -> int:
     """For the progress bar: --max_train_steps, else the epochs' updates (without buckets' rounding)."""
     if cfg.max_train_steps:
         return cfg.max_train_steps
-    from .train.data import scan_images
+    from .train.data import epoch_items
+    from .train.hf_dataset import instance_records
 
-    batches = math.ceil(len(scan_images(cfg.instance_data_dir, cfg.instance_prompt)) * cfg.repeats / cfg.train_batch_size)
+    classes = cfg.num_class_images if cfg.with_prior_preservation else 0
+    items = epoch_items(len(instance_records(cfg)), cfg.repeats, classes)
+    batches = math.ceil(items / cfg.train_batch_size)
     return cfg.num_train_epochs * math.ceil(batches / cfg.gradient_accumulation_steps)
 
 
@@ -337,6 +343,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     from .generate import default_device_dtype, load_base_pipeline
     from .metrics import quiet_libraries
     from .outputs import claim_folder
+    from .train.hf_dataset import reference_images
 
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
     if not base:
@@ -364,7 +371,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     if not eval_seeds:
         raise GraloraConfigError("--eval_seeds: give at least one, e.g. 0,1.")
     dino, clip = cfg.metric_models
-    scorers = instance_scorers(cfg.instance_data_dir, cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
+    scorers = instance_scorers(reference_images(cfg), cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
     with quiet_libraries():
         pipe = load_base_pipeline(base)
     ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution)

@@ -27,6 +27,7 @@ from .export import export_lora, format_size
 from .info import adapter_info
 
 TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
+LORA_TAGS = ["lora", "gralora-diffusion", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
 
 
 def _sample_images(folder: Path) -> list[str]:
@@ -62,7 +63,7 @@ def push_plan(folder, include_lora_export: bool = False) -> tuple[list[str], lis
     and the LoRA export when asked. Each must be a regular file whose real path is inside the folder,
     reached through no symbolic link: links (to anywhere) and paths leaving the folder are refused."""
     folder = Path(folder)
-    candidates = [WEIGHT_NAME, CARD_NAME]
+    candidates = [adapter_in(folder)[0].name, CARD_NAME]
     samples = folder / "samples"
     if samples.is_dir():
         candidates += [f"samples/{p.name}" for p in sorted(samples.iterdir())
@@ -77,6 +78,22 @@ def push_plan(folder, include_lora_export: bool = False) -> tuple[list[str], lis
         elif why != "missing":
             refused.append((name, why))
     return files, refused
+
+
+def adapter_in(folder: Path) -> tuple[Path, str]:
+    """(file, kind) of the adapter a training output folder holds: the GraLoRA file, else the
+    `--adapter lora` baseline's diffusers LoRA file. Checked before anything is sent: a folder with
+    neither, or a broken file, is refused naming it."""
+    from .any_adapter import LORA, safetensors_kind
+
+    lora = folder / DIFFUSERS_WEIGHT_NAME
+    if not (folder / WEIGHT_NAME).is_file() and lora.is_file():
+        if safetensors_kind(lora) != LORA:
+            raise AdapterFileError(f"{lora}: not a LoRA safetensors file (no lora_A/lora_B keys could be read); "
+                                   "give the --output_dir of a training run.")
+        return lora, "lora"
+    read_adapter_file(folder / WEIGHT_NAME)  # names the problem: no such file, damaged, ...
+    return folder / WEIGHT_NAME, "gralora"
 
 
 def files_to_push(folder, include_lora_export: bool = False) -> list[str]:
@@ -125,13 +142,16 @@ def save_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    source = folder / WEIGHT_NAME
-    adapter = read_adapter_file(source)
+    source, kind = adapter_in(folder)
     info = adapter_info(source)
-    base_model = base_model or adapter.base_model
-    instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
-    if training is None and adapter.metadata.get("training"):
-        training = json.loads(adapter.metadata["training"])
+    if kind == "gralora":
+        adapter = read_adapter_file(source)
+        base_model = base_model or adapter.base_model
+        instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
+        if training is None and adapter.metadata.get("training"):
+            training = json.loads(adapter.metadata["training"])
+    else:
+        base_model = base_model or info["base_model"]
     images = _sample_images(folder) if images is None else [Path(i).as_posix() for i in images]
     if grid is None:
         grid = next((i for i in images if "grid" in Path(i).name), None)
@@ -149,12 +169,15 @@ def save_model_card(
         base_model=base_model,
         library_name="diffusers",
         license=license,
-        tags=TAGS,
+        tags=TAGS if kind == "gralora" else LORA_TAGS,
         instance_prompt=instance_prompt,
         widget=[{"text": p, "output": {"url": i}} for p, i in zip(prompts, samples)] or None,
     )
-    body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
-                      info["components"].get("unet", {}).get("k", "k"))
+    if kind == "gralora":
+        body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
+                          info["components"].get("unet", {}).get("k", "k"))
+    else:
+        body = _lora_card_body(name, where, base_model, instance_prompt, grid, info, training)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = folder / CARD_NAME
     atomic_write(path, lambda tmp: card.save(tmp))
@@ -233,6 +256,53 @@ diffusers loads it directly with `pipe.load_lora_weights(...)` and the repositor
     return "".join(parts)
 
 
+def _lora_card_body(name, where, base_model, instance_prompt, grid, info: dict, training) -> str:
+    """The card of the `--adapter lora` baseline: a plain diffusers LoRA, loaded by stock diffusers.
+    User text goes in as `_card_body` puts it: code through json.dumps/shlex.quote, prose through md."""
+    base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    py_base, py_where, py_prompt = json.dumps(base), json.dumps(where), json.dumps(instance_prompt or "a photo")
+    trigger = f" Trigger prompt: {md(instance_prompt)}." if instance_prompt else ""
+    rows = {f"{c} (r / alpha)": f"{v['rank']} / {v['alpha']}" for c, v in info["components"].items()}
+    rows.update({"targets": json.dumps({c: v["targets"] for c, v in info["components"].items()}),
+                 "parameters": f"{info['params']:,}",
+                 "file": f"{DIFFUSERS_WEIGHT_NAME} ({format_size(info['file_size'])}, {info['dtype']})"})
+    py_code = f"""import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained({py_base}, torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights({py_where})
+image = pipe({py_prompt}).images[0]"""
+    sh_code = f"gralora-diffusion export-lora {shlex.quote(where)} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys"
+    py_fence, sh_fence = _fence(py_code), _fence(sh_code)
+    parts = [f"""
+# {md(name)}
+
+A LoRA adapter for {md(base)} (the LoRA baseline of gralora-diffusion's trainer, `--adapter lora`).{trigger}
+"""]
+    if grid:  # a path the card generator chose (samples/...), percent-encoded: never markup
+        parts.append(f"\n![samples]({urllib.parse.quote(Path(grid).as_posix())})\n")
+    parts.append(f"""
+## Use with diffusers
+
+{py_fence}python
+{py_code}
+{py_fence}
+
+## Kohya keys (ComfyUI, A1111)
+
+{sh_fence}bash
+{sh_code}
+{sh_fence}
+
+## Adapter
+
+{_table(rows)}
+""")
+    if training:
+        parts.append(f"\n## Training settings\n\n{_table(training)}\n")
+    return "".join(parts)
+
+
 def _explain(err: Exception, repo_id: str) -> HubError | None:
     """huggingface_hub's error plus a sentence on what to do; None for errors that are not about the Hub."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -253,7 +323,7 @@ def _explain(err: Exception, repo_id: str) -> HubError | None:
 
 def _check_essentials(folder: Path) -> None:
     """The adapter and the card must themselves pass the push rule; a link there stops the push."""
-    for name in (WEIGHT_NAME, CARD_NAME):
+    for name in (WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, CARD_NAME):
         why = _inside_regular_file(folder, name)
         if why is not None and why != "missing":  # a missing adapter: read_adapter_file says what to do
             raise HubError(f"{folder / name}: not uploaded ({why}); a push sends only regular files inside the "
@@ -295,7 +365,8 @@ def push_to_hub(
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise AdapterFileError(f"{folder}: {what}; give the folder holding {WEIGHT_NAME} (a training --output_dir).")
     _check_essentials(folder)
-    read_adapter_file(folder / WEIGHT_NAME)  # refuse a folder without a valid adapter before any network call
+    source, kind = adapter_in(folder)  # refuse a folder without a valid adapter before any network call
+    include_lora_export = include_lora_export and kind == "gralora"  # a LoRA baseline is its own LoRA file
     if dry_run:
         files, refused = push_plan(folder, include_lora_export)
         if say:
@@ -307,7 +378,7 @@ def push_to_hub(
     if not (folder / CARD_NAME).exists():
         save_model_card(folder, repo_id=repo_id)
     if include_lora_export:
-        export_lora(folder / WEIGHT_NAME, folder / DIFFUSERS_WEIGHT_NAME)
+        export_lora(source, folder / DIFFUSERS_WEIGHT_NAME)
     _check_essentials(folder)
     files, refused = push_plan(folder, include_lora_export)
     if say:
