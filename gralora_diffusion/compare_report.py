@@ -69,13 +69,9 @@ class Comparison:
 
 
 def load_images(folder: Path, prompts: int, seeds: int) -> list[list]:
-    from PIL import Image
+    from .images import read_image
 
-    def load(path):
-        with Image.open(path) as image:
-            return image.convert("RGB")
-
-    return [[load(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
+    return [[read_image(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
 
 
 def write_report(out: Path, entries: list[dict], base_record: dict, ev) -> Comparison:
@@ -87,8 +83,12 @@ def write_report(out: Path, entries: list[dict], base_record: dict, ev) -> Compa
     for e in entries:
         images = load_images(out / e["runs"][0] / EVAL_FOLDER, len(ev.prompts), len(ev.seeds))
         columns.append(VariantResult(e["name"], e["runs"][0], e["kind"], images=images))
+    from .atomic import atomic_write
+    from .generate import save_image
+
     grid = out / GRID_NAME
-    labelled_variant_grid(columns, ev.prompts).save(grid)
+    save_image(labelled_variant_grid(columns, ev.prompts), grid)
     path = out / RESULTS_NAME
-    path.write_text(json.dumps(entries, indent=2) + "\n")
+    text = json.dumps(entries, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return Comparison(entries, base_record["metrics"], path, grid)

@@ -143,6 +143,6 @@ def tiny_sdxl_pipeline(seed: int = 0, device=None, dtype=None) -> StableDiffusio
 
 def save_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline with `save_pretrained`, so every `--pretrained_model_name_or_path` path works on it."""
-    directory = Path(directory)
-    tiny_sdxl_pipeline(seed=seed).save_pretrained(directory)
-    return directory
+    from .bases import save_tiny
+
+    return save_tiny("sdxl", directory, seed)

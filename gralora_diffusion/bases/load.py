@@ -64,6 +64,12 @@ def default_device_dtype(device=None, dtype=None):
     from ..constants import torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise GraloraConfigError(f"--device {device!r}: not a device; use cpu or cuda (cuda:0, ...).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GraloraConfigError(f"--device {device}: torch {torch.__version__} sees no CUDA device here; use --device cpu.")
     if dtype is not None:
         dtype = torch_dtype(dtype)
     return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
@@ -161,6 +167,9 @@ def tiny_pipeline(family: str = DEFAULT_FAMILY, seed: int = 0):
 
 def save_tiny(family: str, directory, seed: int = 0) -> Path:
     """Write `family`'s tiny pipeline with save_pretrained (a folder every --base / --pretrained_model_name_or_path takes)."""
-    directory = Path(directory)
+    from ..outputs import claim_folder, mark_folder
+
+    directory = claim_folder(directory, "make-tiny", "directory", write=False)  # the output rule: new, empty or ours
     tiny_pipeline(family, seed).save_pretrained(directory)
+    mark_folder(directory, "make-tiny")
     return directory

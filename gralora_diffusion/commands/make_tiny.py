@@ -7,7 +7,7 @@ HELP = ("Write an embedded tiny pipeline (random weights, of --family's kind, de
 def add_arguments(parser):
     from ..bases import add_family_argument
 
-    parser.add_argument("directory", type=Path, help="output folder (created)")
+    parser.add_argument("directory", type=Path, help="output folder: new, empty, or one make-tiny wrote before (anything else is refused)")
     add_family_argument(parser, "which family's tiny pipeline (default sdxl)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     parser.add_argument("--world", action="store_true", help="write the world model (pretrained, shipped weights) instead")
@@ -17,9 +17,7 @@ def run(args) -> int:
     from ..bases import DEFAULT_FAMILY, save_tiny
     from ..errors import GraloraConfigError
 
-    blocker = next((p for p in [args.directory, *args.directory.parents] if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise GraloraConfigError(f"{args.directory}: {blocker} exists and is not a folder; give a folder path.")
+    # save_tiny / save_world_sdxl apply the output rule (outputs.claim_folder) before building anything
     if args.world:
         if args.family not in (None, DEFAULT_FAMILY):
             raise GraloraConfigError(f"--world is an {DEFAULT_FAMILY} model; leave out --family {args.family}.")

@@ -57,7 +57,7 @@ def add_adapters(cfg, pipe, family) -> dict:
         from peft import LoraConfig
 
         try:
-            model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, lora_dropout=cfg.dropout,
+            model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
                                          init_lora_weights="gaussian", target_modules=targets))
         except ValueError as err:  # PEFT: the targets match no module (NoMatchingPeftModuleError from 0.20)
             raise TrainConfigError(f"--{flag} {getattr(cfg, flag)!r} ({name}): {str(err).splitlines()[0]}") from None
@@ -70,18 +70,22 @@ def make_optimizer(cfg, groups: list[dict]):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    if cfg.optimizer == "prodigy":
+    if cfg.optimizer == "prodigy":  # with diffusers' defaults: decoupled decay, bias correction, safeguarded warm-up
         import prodigyopt
 
-        return prodigyopt.Prodigy(groups, **kwargs)
+        return prodigyopt.Prodigy(groups, **kwargs, beta3=cfg.prodigy_beta3, decouple=cfg.prodigy_decouple,
+                                  use_bias_correction=cfg.prodigy_use_bias_correction,
+                                  safeguard_warmup=cfg.prodigy_safeguard_warmup)
     return torch.optim.AdamW(groups, **kwargs)
 
 
 def param_groups(cfg, params: dict, num_processes: int, denoiser: str = "unet") -> list[dict]:
-    """Denoiser adapters at --learning_rate, text-encoder adapters at --text_encoder_lr (x batch with --scale_lr)."""
+    """Denoiser adapters at --learning_rate, text-encoder adapters at --text_encoder_lr (x batch with --scale_lr)
+    and --adam_weight_decay_text_encoder when given."""
     scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes if cfg.scale_lr else 1
     groups = [{"params": params[denoiser], "lr": cfg.learning_rate * scale}]
     text = [p for name, ps in params.items() if name != denoiser for p in ps]
     if cfg.train_text_encoder and text:
-        groups.append({"params": text, "lr": cfg.text_encoder_lr * scale})
+        decay = {} if cfg.adam_weight_decay_text_encoder is None else {"weight_decay": cfg.adam_weight_decay_text_encoder}
+        groups.append({"params": text, "lr": cfg.text_encoder_lr * scale, **decay})
     return groups
