@@ -24,6 +24,8 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 # compare's default variants: GraLoRA, Hybrid GraLoRA and LoRA at the same parameter count ((r + hybrid_r)(in + out)).
 DEFAULT_VARIANTS = ("gralora:r=8,k=2", "gralora:r=4,k=2,hybrid_r=4", "lora:r=8")
+# Instance images that fidelity metrics compare with when they come from a dataset (the first rows), at most.
+REFERENCE_IMAGES = 64
 
 # Suffixes of files we never unpickle, and of images we read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

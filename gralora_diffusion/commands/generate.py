@@ -28,6 +28,9 @@ def add_arguments(parser):
     parser.add_argument("--side_by_side", action="store_true",
                         help="a grid column per adapter (each alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline; "
                              "default: all adapters together in every column")
+    parser.add_argument("--per_image_adapters", action="store_true",
+                        help="one batch per seed and scale, prompt i with adapter i alone (GraLoRA adapters); a prompts file "
+                             "may instead name each line's adapter after a TAB: its --adapter number, its path, or none")
     parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights per scale (faster on large runs)")
     parser.add_argument("--scheduler", default=None, metavar="NAME",
                         help="a diffusers scheduler class, e.g. EulerAncestralDiscreteScheduler or DPMSolverMultistepScheduler "
@@ -45,9 +48,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..errors import GraloraConfigError
-    from ..generate import generate_samples, parse_adapter, parse_scales, read_prompts
+    from ..generate import generate_samples, parse_adapter, parse_scales, prompt_adapters, read_prompts
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    prompts, per_image = prompt_adapters(prompts, args.adapter, args.per_image_adapters)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -59,8 +63,8 @@ def run(args) -> int:
         base_model=args.base or default_base([path for path, _ in adapters]), adapters=adapters, prompts=prompts,
         output_dir=args.output_dir, negative_prompt=args.negative_prompt, seeds=seeds or [0], steps=args.steps,
         guidance=args.guidance, height=args.height, width=args.width, scales=parse_scales(args.scales),
-        fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side, family=args.family,
-        scheduler=args.scheduler, init_image=args.init_image, strength=args.strength,
+        fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side, per_image_adapters=per_image,
+        family=args.family, scheduler=args.scheduler, init_image=args.init_image, strength=args.strength,
     )
     print(f"Wrote {len(result.images)} images to {result.output_dir}/")
     print(f"Grid (rows: prompt x seed, columns: {', '.join(result.columns)}): {result.grid}")

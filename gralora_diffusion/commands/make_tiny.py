@@ -17,7 +17,7 @@ def run(args) -> int:
     from ..bases import DEFAULT_FAMILY, save_tiny
     from ..errors import GraloraConfigError
 
-    # save_tiny_sdxl / save_world_sdxl apply the output rule (outputs.claim_folder) before building anything
+    # save_tiny / save_world_sdxl apply the output rule (outputs.claim_folder) before building anything
     if args.world:
         if args.family not in (None, DEFAULT_FAMILY):
             raise GraloraConfigError(f"--world is an {DEFAULT_FAMILY} model; leave out --family {args.family}.")

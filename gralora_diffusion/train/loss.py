@@ -10,6 +10,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .data import EMPTY_PROMPT
+from .tensor_cache import TensorCache, module_fingerprint
 
 
 def diffusion_loss(pred, target, timesteps, noise_scheduler, snr_gamma=None, with_prior=False, prior_loss_weight=1.0):
@@ -39,8 +41,10 @@ class BatchLoss:
     """`loss, parts = BatchLoss(...)(batch)`. Holds the VAE latent-distribution cache (per augmented
     item) and the text-conditioning cache (per prompt, only while the text encoders are frozen)."""
 
-    def __init__(self, cfg, pipe, family, denoiser, text_encoders, noise_scheduler, weight_dtype, device):
+    def __init__(self, cfg, pipe, family, denoiser, text_encoders, noise_scheduler, weight_dtype, device,
+                 data_fingerprint: str = ""):
         import inspect
+        from pathlib import Path
 
         self.cfg, self.pipe, self.family, self.denoiser = cfg, pipe, family, denoiser
         self.noise_scheduler, self.weight_dtype, self.device = noise_scheduler, weight_dtype, device
@@ -48,8 +52,18 @@ class BatchLoss:
         takes = "text_encoders" in inspect.signature(family.encode_prompts).parameters
         self.encode_kwargs = {"text_encoders": text_encoders} if takes and text_encoders else {}
         self.cache_text = cfg.cache_text_embeddings and not cfg.train_text_encoder
-        self.latent_cache: dict = {}
-        self.text_cache: dict = {}
+        # beyond --embedding_cache_mb, on disk under a fingerprint of the encoders (and the images, for latents)
+        folder = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
+        budget = cfg.embedding_cache_mb // 2  # half each
+        parts = sorted((name, part) for name, part in pipe.components.items() if part is not None)
+        encoders = [part for name, part in parts if name.startswith("text_encoder")]
+        tokenizers = [part for name, part in parts if name.startswith("tokenizer")]
+        shape = "|".join(f"{getattr(t, 'model_max_length', '')}:{len(t)}" for t in tokenizers)
+        self.latent_cache = TensorCache(budget, folder, lambda: "latents-" + module_fingerprint(
+            pipe.vae, extra=f"{family.name}|{pipe.vae.dtype}|{data_fingerprint}"))
+        self.text_cache = TensorCache(budget, folder, lambda: "text-" + module_fingerprint(
+            *encoders, extra=f"{family.name}|{weight_dtype}|{shape}"))
+        self.cond_keys: list[str] | None = None  # the family's conditioning names, in cache order
 
     def latent_params(self, batch):
         def encode(pixels):
@@ -60,22 +74,37 @@ class BatchLoss:
             return encode(batch["pixel_values"])
         if any(k not in self.latent_cache for k in batch["keys"]):
             for key, p in zip(batch["keys"], encode(batch["pixel_values"])):
-                self.latent_cache[key] = p.detach()
-        return torch.stack([self.latent_cache[k] for k in batch["keys"]])
+                self.latent_cache[key] = (p.detach(),)
+        return torch.stack([self.latent_cache[k][0].to(self.device) for k in batch["keys"]])
 
     def encode(self, prompts) -> dict:
         return self.family.encode_prompts(self.pipe, prompts, self.device, **self.encode_kwargs)
 
     def text_conditioning(self, prompts) -> dict:
+        """As the pipeline conditions: a dropped caption (EMPTY_PROMPT) is zeros where the pipeline's
+        `force_zeros_for_empty_prompt` zeroes its unconditional embedding, else the encoded empty prompt."""
+        cond = self.encoded_prompts(prompts)
+        if EMPTY_PROMPT in prompts and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            keep = torch.tensor([p != EMPTY_PROMPT for p in prompts], device=self.device)
+            cond = {k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) if v.is_floating_point() else v
+                    for k, v in cond.items()}
+        return cond
+
+    def encoded_prompts(self, prompts) -> dict:
         if not self.cache_text:
             with torch.no_grad() if not self.cfg.train_text_encoder else contextlib.nullcontext():
                 return self.encode(prompts)
-        missing = sorted({p for p in prompts if p not in self.text_cache})
-        if missing:
+        # one prompt at a time: a prompt's cached embedding must not depend on which prompts shared its
+        # first batch (batched matmuls differ in the last bits), or a resumed run drifts from an unbroken one
+        for prompt in sorted({p for p in prompts if p not in self.text_cache}):
             with torch.no_grad():
-                encoded = self.encode(missing)
-            self.text_cache.update({p: {k: v[i:i + 1] for k, v in encoded.items()} for i, p in enumerate(missing)})
-        rows = [self.text_cache[p] for p in prompts]
+                encoded = self.encode([prompt])
+            self.cond_keys = self.cond_keys or sorted(encoded)
+            self.text_cache[prompt] = tuple(encoded[k] for k in self.cond_keys)
+        if self.cond_keys is None:  # every prompt came from an earlier run's files: learn the names once
+            with torch.no_grad():
+                self.cond_keys = sorted(self.encode(prompts[:1]))
+        rows = [dict(zip(self.cond_keys, (t.to(self.device) for t in self.text_cache[p]))) for p in prompts]
         join = getattr(self.family.module, "concat_cond", None)  # rows of different lengths (Qwen-Image's prompts)
         return join(rows) if join else {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
 
