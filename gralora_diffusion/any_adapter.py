@@ -90,7 +90,11 @@ def check_lora_fits(pipe, path) -> None:
     """A plain LoRA file's module names and shapes against the pipeline, before diffusers loads it (whose
     mismatch report is a page of log lines): the first module the pipeline lacks, or whose Linear/Conv2d
     widths differ, is one line naming it and both shapes. Keys are converted as `load_lora_weights`
-    converts them (diffusers' `lora_state_dict` with the UNet's config, then its PEFT key converters)."""
+    converts them (diffusers' `lora_state_dict` with the UNet's config, then its PEFT key converters).
+    UNet families (sd15, sdxl) only: a DiT family's LoRA file is checked by diffusers' own load, whose
+    error `_load_lora` turns into one line."""
+    if getattr(pipe, "unet", None) is None:  # sd3, flux, flux2-klein, qwen-image: other key layouts
+        return
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     from .quiet import quiet_libraries
