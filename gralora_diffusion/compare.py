@@ -36,8 +36,8 @@ from .train.config import TrainConfig
 # The default set: GraLoRA, Hybrid GraLoRA and LoRA at the same parameter count ((r + hybrid_r)(in + out)).
 DEFAULT_VARIANTS = ("gralora:r=8,k=2", "gralora:r=4,k=2,hybrid_r=4", "lora:r=8")
 ALIASES = {"r": "rank", "k": "gralora_k", "lr": "learning_rate"}
-VARIANT_KEYS = ("rank", "gralora_k", "hybrid_r", "alpha", "dropout", "learning_rate", "unet_targets")
-SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", "unet_targets": "t"}
+VARIANT_KEYS = ("rank", "gralora_k", "hybrid_r", "alpha", "dropout", "learning_rate", "unet_targets", "quantize_base")
+SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", "unet_targets": "t", "quantize_base": "q"}
 EMBEDDED_BASES = ("tiny", "world")  # names load_base_pipeline builds in memory (no folder, no Hub id)
 BASE_FOLDER, RUN_FILE, EVAL_FOLDER, LOG_FILE = "base", "run.json", "eval", "train.log"
 # Settings that change no trained weight: a finished run still counts when only these differ.
@@ -53,7 +53,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """Folder and column name: 'gralora_r32_k2', 'gralora_r16_k2_h8', 'lora_r32'."""
+        """Folder and column name: 'gralora_r32_k2', 'gralora_r16_k2_h8', 'lora_r32', 'gralora_r8_k2_qint8'."""
         parts = [f"{SHORT.get(k, k)}{v}" for k, v in self.settings[1:]]
         return re.sub(r"[^\w.+-]", "-", "_".join([self.adapter, *parts]))
 
@@ -63,7 +63,8 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """'gralora:r=32,k=2,hybrid_r=8' or 'lora:r=32' -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets)."""
+    """'gralora:r=32,k=2,hybrid_r=8' or 'lora:r=32' -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets,
+    quantize_base)."""
     kind, _, rest = text.strip().partition(":")
     example = "e.g. gralora:r=32,k=2 or lora:r=32"
     if kind not in ("gralora", "lora"):
@@ -75,7 +76,7 @@ def parse_variant(text: str) -> Variant:
         key = ALIASES.get(key.strip(), key.strip())
         if not sep or key not in VARIANT_KEYS:
             raise GraloraConfigError(f"--variants {text!r}: {item!r} is not KEY=VALUE with KEY one of r, k, hybrid_r, "
-                                     f"alpha, dropout, lr, unet_targets ({example}).")
+                                     f"alpha, dropout, lr, unet_targets, quantize_base ({example}).")
         kind_of = next(t for t in (typing.get_args(hints[key]) or (hints[key],)) if t is not type(None))
         try:
             settings[key] = kind_of(value.strip())
@@ -110,7 +111,8 @@ def comparable(cfg: TrainConfig) -> dict:
 
 @dataclass
 class Evaluation:
-    """What every column is scored with."""
+    """What every column is scored with. `pipe` holds the base as --quantize_base loads it; a variant with
+    its own quantize_base is scored on the base quantized that way (`pipe_for`), the one it trained over."""
     pipe: typing.Any
     scorers: list
     prompts: list[str]
@@ -118,6 +120,18 @@ class Evaluation:
     steps: int
     guidance: float
     resolution: int
+    base: str = ""
+    quantize_base: str = "none"
+    others: dict = dataclasses.field(default_factory=dict)
+
+    def pipe_for(self, quantize_base: str):
+        if quantize_base == self.quantize_base:
+            return self.pipe
+        if quantize_base not in self.others:
+            from .generate import load_base_pipeline
+
+            self.others[quantize_base] = load_base_pipeline(self.base, say=None, quantize_base=quantize_base)
+        return self.others[quantize_base]
 
     def settings(self) -> dict:
         return {"prompts": self.prompts, "seeds": self.seeds, "steps": self.steps, "guidance": self.guidance,
@@ -255,7 +269,7 @@ def run_one(variant: Variant, rcfg: TrainConfig, base: str, ev: Evaluation, bar)
     else:
         bar.update(record["train"]["steps"])
     if record.get("evaluation") != ev.settings() or "metrics" not in record:
-        result = evaluate_variant(ev.pipe, variant.name, folder / record["train"]["weights"], ev.scorers, ev.prompts, ev.seeds,
+        result = evaluate_variant(ev.pipe_for(rcfg.quantize_base), variant.name, folder / record["train"]["weights"], ev.scorers, ev.prompts, ev.seeds,
                                   ev.steps, ev.guidance, ev.resolution, adapter_name="compare", progress=bar)
         save_images(folder / EVAL_FOLDER, result.images)
         record |= {"evaluation": ev.settings(), "kind": result.kind, "metrics": result.metrics}
@@ -271,13 +285,14 @@ def run_base(out: Path, base: str, ev: Evaluation, bar) -> dict:
 
     folder = out / BASE_FOLDER
     record = read_record(folder)
-    if record.get("evaluation") != ev.settings() or record.get("base_model") != base:
+    if (record.get("evaluation") != ev.settings() or record.get("base_model") != base
+            or record.get("quantize_base", "none") != ev.quantize_base):
         bar.set_postfix_str(BASE_LABEL)
         result = evaluate_variant(ev.pipe, BASE_LABEL, None, ev.scorers, ev.prompts, ev.seeds, ev.steps, ev.guidance,
                                   ev.resolution, progress=bar)
         save_images(folder / EVAL_FOLDER, result.images)
         folder.mkdir(parents=True, exist_ok=True)
-        record = {"base_model": base, "evaluation": ev.settings(), "metrics": result.metrics}
+        record = {"base_model": base, "quantize_base": ev.quantize_base, "evaluation": ev.settings(), "metrics": result.metrics}
         write_record(folder, record)
     else:
         bar.update(ev.images)
@@ -331,8 +346,9 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     dino, clip = cfg.metric_models
     scorers = instance_scorers(cfg.instance_data_dir, cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
     with quiet_libraries():
-        pipe = load_base_pipeline(base)
-    ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution)
+        pipe = load_base_pipeline(base, quantize_base=cfg.quantize_base)
+    ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution,
+                    base, cfg.quantize_base)
     bar = tqdm(total=len(runs) * estimated_steps(cfg) + (len(runs) + 1) * ev.images, desc="compare", unit="step",
                disable=not progress)
     records: dict[str, list[dict]] = {}

@@ -35,6 +35,9 @@ TEXT_ENCODER_PRESETS = {
     "attn+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 
+# --quantize_base choices (gralora_diffusion/quantize.py maps each to a diffusers quantization config).
+QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp8")
+
 # dtype names a user may write, to torch's attribute names.
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                "bf16": "bfloat16", "bfloat16": "bfloat16"}

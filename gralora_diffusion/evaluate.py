@@ -225,6 +225,7 @@ def evaluate_adapter(
     device=None,
     dtype=None,
     progress=True,
+    quantize_base: str = "none",
 ) -> EvaluationResult:
     """Score the base model alone (`include_base`) and each adapter alone on DreamBooth's metrics.
 
@@ -233,7 +234,8 @@ def evaluate_adapter(
     `subject`; CLIP-T reads each prompt without `identifier` (default: the subject's first word when it
     has two). `scorers`: callables `(images, prompts) -> {name: value}` replacing the default ones
     (`build_scorers`). `pipe`: an already loaded, patched pipeline instead of `base_model`. Writes
-    `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given."""
+    `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given.
+    `quantize_base`: none, int8, nf4 or fp8, the base's weights as it loads (`load_base_pipeline`)."""
     from .generate import check_adapter_paths, default_device_dtype, load_base_pipeline
 
     prompts = list(prompts) if prompts else default_prompts(subject)
@@ -249,7 +251,7 @@ def evaluate_adapter(
         device = pipe.device if pipe is not None else default_device_dtype(device)[0]
         scorers = build_scorers(instance_images, dino_model, clip_model, identifier, device, base_model)
     with quiet_libraries():
-        pipe = pipe if pipe is not None else load_base_pipeline(base_model, device, dtype)
+        pipe = pipe if pipe is not None else load_base_pipeline(base_model, device, dtype, quantize_base=quantize_base)
     columns = ([(BASE_LABEL, None)] if include_base else []) + sources
     bar = progress_bar(progress, len(columns) * len(prompts) * len(seeds), "evaluate")
     variants = []

@@ -131,21 +131,27 @@ def check_output_dir(output_dir) -> None:
             f"(e.g. {foreign[0]}), such as a training set; give a new or empty folder (default: {DEFAULT_OUTPUT_DIR}/).")
 
 
-def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
+def load_base_pipeline(base_model: str, device=None, dtype=None, say=print, quantize_base: str = "none",
+                       trained_text_encoders: bool = False):
     """`tiny` (the embedded random-weights SDXL), `world` (the embedded one pretrained on the drawn
-    world), a Hub id or a local folder; with the GraLoRA methods.
+    world), a Hub id or a local folder; with the GraLoRA methods. `quantize_base` (none, int8, nf4, fp8):
+    the UNet and, unless `trained_text_encoders`, the text encoders quantized by diffusers' configs
+    (quantize.py), as a Hub base loads or, for the embedded ones, right after they are built.
     `say` (None: silent) gets one line when loading starts; the libraries' bars and notes stay quiet."""
+    from .quantize import check_quantize_base, pipeline_quantization, quantize_loaded, quantized_components
     from .quiet import load_pretrained, quiet_libraries
     from .threads import announce
 
     device, dtype = default_device_dtype(device, dtype)
+    check_quantize_base(quantize_base, device=device)
     if base_model not in (TINY, WORLD):
         from .sources import check_model_path
 
         check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
     if say:
         announce(say)
-        say(f"Loading base model {base_model} ...")
+        say(f"Loading base model {base_model}{'' if quantize_base == 'none' else f' ({quantize_base})'} ...")
+    quantization = pipeline_quantization(quantize_base, quantized_components(trained_text_encoders))
     with quiet_libraries():  # importing diffusers' pipelines makes transformers talk about torchvision
         from diffusers import StableDiffusionXLPipeline
 
@@ -154,13 +160,15 @@ def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
         from .world.model import tiny_world_pipeline
 
         pipe = tiny_sdxl_pipeline(seed=0) if base_model == TINY else tiny_world_pipeline() if base_model == WORLD else None
+        if pipe is not None:
+            pipe.to(dtype=dtype)
+            quantize_loaded(pipe, quantization)
     if pipe is None:
+        extra = {} if quantization is None else {"quantization_config": quantization}
         pipe = load_pretrained(StableDiffusionXLPipeline, str(base_model), "--base", torch_dtype=dtype,
-                               folder_hint="a folder written by save_pretrained (e.g. `gralora-diffusion make-tiny DIR`)")
+                               folder_hint="a folder written by save_pretrained (e.g. `gralora-diffusion make-tiny DIR`)", **extra)
     with quiet_libraries():  # a cast says which modules "should be kept in float32", even when none
         pipe.to(device)
-        if pipe.dtype != dtype:  # only the embedded models get here (from_pretrained loaded the dtype)
-            pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return patch_pipeline(pipe)
 
@@ -267,12 +275,14 @@ def generate_samples(
     pipe=None,
     progress: bool = True,
     side_by_side: bool = False,
+    quantize_base: str = "none",
 ) -> GenerateResult:
     """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
     generate every prompt x seed x scale, save each image and `grid.png` into `output_dir` (new, empty
     or written by generate before). `pipe`: an already loaded pipeline (with `patch_pipeline`) instead
     of `base_model`. `progress`: a loading line and a bar over the images (False: silent). `side_by_side`:
-    a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline."""
+    a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline.
+    `quantize_base`: none, int8, nf4 or fp8, the base's weights as it loads (`load_base_pipeline`)."""
     from .any_adapter import LORA, load_any_adapter
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
 
@@ -280,7 +290,7 @@ def generate_samples(
     check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
     if pipe is None:
-        pipe = load_base_pipeline(base_model, device, dtype, say=print if progress else None)
+        pipe = load_base_pipeline(base_model, device, dtype, say=print if progress else None, quantize_base=quantize_base)
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, QUANTIZE_CHOICES
 from ..errors import GraloraConfigError, TrainConfigError
 from ..numbers import finite_number
 from ..adapter_config import default_alpha, make_config
@@ -87,6 +87,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt("trade compute for memory", default=False)
     cache_latents: bool = _opt("encode each training image once and reuse the VAE latents", default=False)
     cache_text_embeddings: bool = _opt("encode each prompt once when the text encoders are frozen", default=True)
+    quantize_base: str = _opt("quantize the frozen base as it loads: int8 / fp8 (torchao, CPU and CUDA), nf4 (bitsandbytes, "
+                              "GPU); the UNet, and the text encoders unless trained; adapters stay fp32", default="none",
+                              choices=QUANTIZE_CHOICES)
     allow_tf32: bool = _opt("allow TF32 matmuls on Ampere+ GPUs", default=False)
     # validation and outputs
     validation_prompt: str | None = _opt('prompt(s) for sample images; several separated by " | "')
@@ -323,6 +326,10 @@ class TrainConfig:
                 raise TrainConfigError(f"--optimizer {self.optimizer} needs the {module} package: `{cmd}`, or use --optimizer adamw.")
         if self.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(self.report_to) is None:
             raise TrainConfigError(f"--report_to {self.report_to} needs the {self.report_to} package (`pip install {self.report_to}`), or pass --report_to none.")
+        if self.quantize_base != "none":
+            from ..quantize import check_quantize_base
+
+            check_quantize_base(self.quantize_base, error=TrainConfigError)
         if self.mixed_precision == "fp16":
             import torch
 

@@ -191,10 +191,14 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
         try:
-            pipe = load_pipeline(cfg)
+            pipe = load_pipeline(cfg, weight_dtype)
         finally:
             if shown:
                 transformers_logging.enable_progress_bar()
+    else:  # a pipeline built in memory (the embedded bases): quantized here, by the same configs
+        from ..quantize import pipeline_quantization, quantize_loaded, quantized_components
+
+        quantize_loaded(pipe, pipeline_quantization(cfg.quantize_base, quantized_components(cfg.train_text_encoder)))
     freeze_and_place(cfg, pipe, device, weight_dtype)
     classes = class_images(cfg, accelerator, pipe)  # from the base model, before any adapter
 

@@ -9,14 +9,19 @@ from ..constants import TEXT_ENCODER_PRESETS, UNET_PRESETS
 from ..errors import TrainConfigError
 
 
-def load_pipeline(cfg):
+def load_pipeline(cfg, dtype=None):
+    """The base from its Hub id or folder; with --quantize_base, quantized as it loads (in `dtype`)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    from ..quantize import pipeline_quantization, quantized_components
     from ..threads import announce
 
     announce()
 
     kwargs = {"revision": cfg.revision, "variant": cfg.variant}
+    quantization = pipeline_quantization(cfg.quantize_base, quantized_components(cfg.train_text_encoder))
+    if quantization is not None:  # a quantized model cannot be cast afterwards: it loads in the weight dtype
+        kwargs |= {"quantization_config": quantization, "torch_dtype": dtype}
     try:
         if cfg.pretrained_vae_model_name_or_path:
             kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, revision=cfg.revision)
@@ -29,8 +34,14 @@ def load_pipeline(cfg):
 
 
 def place(model, device, dtype) -> None:
-    """Move, and cast only when needed (diffusers warns on every dtype cast of a loaded model)."""
-    model.to(device) if model.dtype == dtype else model.to(device, dtype=dtype)
+    """Move, and cast only when needed (diffusers warns on every dtype cast of a loaded model). A
+    quantized model keeps the dtype it loaded in (diffusers refuses the cast; autocast computes in dtype)."""
+    from ..quantize import is_quantized_model
+
+    if model.dtype == dtype or is_quantized_model(model):
+        model.to(device)
+    else:
+        model.to(device, dtype=dtype)
 
 
 def freeze_and_place(cfg, pipe, device, weight_dtype) -> None:
