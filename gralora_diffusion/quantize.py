@@ -97,12 +97,12 @@ def pipeline_quantization(mode: str, components=("unet", "text_encoder", "text_e
     return PipelineQuantizationConfig(quant_mapping=mapping)
 
 
-def load_quantized_model(model_class, folder, config, torch_dtype):
-    """`model_class.from_pretrained(folder)` with one component's quantization config, quietly."""
+def load_quantized_model(model_class, folder, config, torch_dtype, **kwargs):
+    """`model_class.from_pretrained(folder, **kwargs)` with one component's quantization config, quietly."""
     from .quiet import quiet_libraries
 
     with quiet_libraries():
-        return model_class.from_pretrained(str(folder), quantization_config=config, torch_dtype=torch_dtype)
+        return model_class.from_pretrained(str(folder), quantization_config=config, torch_dtype=torch_dtype, **kwargs)
 
 
 def quantize_loaded(pipe, quantization):
