@@ -4,7 +4,8 @@ Keys: `<component>.<module path>.gralora_A` (and `gralora_B`, `gralora_A_general
 `gralora_B_general.weight`), component one of `unet`, `text_encoder`, `text_encoder_2`; no adapter
 name in the key (PEFT's `get_peft_model_state_dict` layout). Header metadata (all strings):
 `format` = "gralora-diffusion", `format_version`, `gralora_configs` = JSON {component: config},
-and optionally `base_model`, `instance_prompt`, `training` (JSON), ...
+and optionally `family` (the base family, bases/: a file loads only into a pipeline of that family),
+`base_model`, `instance_prompt`, `training` (JSON), ...
 
 Reading never unpickles: only safetensors is accepted, and every tensor is checked against its
 component's config (shapes follow from r, k, hybrid_r), so nothing is inferred from shapes.
@@ -81,6 +82,15 @@ def split_module_key(key: str) -> tuple[str, str]:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     raise KeyError(key)
+
+
+def by_module(state_dict: dict) -> dict[str, dict]:
+    """{module: {suffix: tensor}} of a flat state dict keyed `<module>.<suffix>`."""
+    modules: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        module, suffix = split_module_key(key)
+        modules.setdefault(module, {})[suffix] = tensor
+    return modules
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, source: str, component: str) -> None:

@@ -13,26 +13,19 @@ generate did not write (a training set) is refused before anything loads.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR, torch_dtype
+from .bases import TINY
+from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR
 from .errors import GraloraConfigError
 from .numbers import limited
 from .outputs import OWNER_FILE, claim_folder, mark_folder, owner
 
-TINY = "tiny"
 MARKER = OWNER_FILE  # in every folder generate writes to (outputs.py): the images beside it are ours
 OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
-WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
-LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
-HEADER_HEIGHT = 24  # at least, for the column labels (scale) above it
-FONT_SIZE, LINE_HEIGHT = 12, 14
 
 
 @dataclass
@@ -95,27 +88,40 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise GraloraConfigError(f"--device {device!r}: not a device; use cpu or cuda (cuda:0, ...).") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise GraloraConfigError(f"--device {device}: torch {torch.__version__} sees no CUDA device here; use --device cpu.")
-    if dtype is not None:
-        dtype = torch_dtype(dtype)
-    return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+NO_ADAPTER = ("none", "base")  # a prompts file's adapter column: this prompt's images without adapter
 
 
-def check_adapter_paths(paths) -> None:
-    """Local adapters that do not exist fail before the (slow) base model loads."""
-    from .errors import AdapterFileError
-    from .sources import looks_like_path
-
-    for path in paths:
-        if isinstance(path, (str, os.PathLike)) and not Path(path).expanduser().exists() and looks_like_path(str(path)):
-            raise AdapterFileError(f"{path}: no such adapter file or folder (and not a Hub repo id).")
+def prompt_adapters(prompts: list[str], adapters: list[str], pair_in_order: bool) -> tuple[list[str], list | None]:
+    """(prompts, per-prompt adapter index or None) for `--per_image_adapters` and a prompts file's adapter
+    column (`prompt<TAB>adapter`: its --adapter number from 1, its --adapter path as given, or none/base).
+    Without a column, `pair_in_order` pairs prompt i with adapter i. None: no per-image adapters."""
+    rows = [prompt.split("\t") for prompt in prompts]
+    if not any(len(row) > 1 for row in rows):
+        if not pair_in_order:
+            return prompts, None
+        if len(prompts) != len(adapters):
+            raise GraloraConfigError(f"--per_image_adapters pairs prompt i with --adapter i, but there are {len(prompts)} "
+                                     f"prompts and {len(adapters)} adapters; give as many, or an adapter column in --prompts-file.")
+        return prompts, list(range(len(adapters)))
+    paths = [parse_adapter(a)[0] for a in adapters]
+    out, chosen = [], []
+    for prompt, *ref in rows:
+        ref = ref[0].strip() if ref else ""
+        if len(ref.split("\t")) > 1 or not ref:
+            raise GraloraConfigError(f"prompt {prompt!r}: no adapter in its column; every line needs `prompt<TAB>adapter` "
+                                     f"(the --adapter number 1..{len(adapters)}, its path, or none) once one line has one.")
+        if ref.lower() in NO_ADAPTER:
+            index = None
+        elif ref.isdigit() and 1 <= int(ref) <= len(adapters):
+            index = int(ref) - 1
+        elif ref in paths:
+            index = paths.index(ref)
+        else:
+            raise GraloraConfigError(f"prompt {prompt!r}: adapter {ref!r} is not one of the --adapter options "
+                                     f"(numbers 1..{len(adapters)}: {paths}) nor none.")
+        out.append(prompt.strip())
+        chosen.append(index)
+    return out, chosen
 
 
 def check_output_dir(output_dir) -> None:
@@ -137,85 +143,8 @@ def _replace_earlier_images(output_dir: Path, say) -> None:
         say(f"Replaced {len(earlier)} images an earlier generate run wrote in {output_dir}/")
 
 
-def load_base_pipeline(base_model: str, device=None, dtype=None, say=print, quantize_base: str = "none",
-                       trained_text_encoders: bool = False):
-    """`tiny` (the embedded random-weights SDXL), `world` (the embedded one pretrained on the drawn
-    world), a Hub id or a local folder; with the GraLoRA methods. `quantize_base` (none, int8, nf4, fp8):
-    the UNet and, unless `trained_text_encoders`, the text encoders quantized by diffusers' configs
-    (quantize.py), as a Hub base loads or, for the embedded ones, right after they are built.
-    `say` (None: silent) gets one line when loading starts; the libraries' bars and notes stay quiet."""
-    from .quantize import check_quantize_base, pipeline_quantization, quantize_loaded, quantized_components
-    from .quiet import load_pretrained, quiet_libraries
-    from .threads import announce
-
-    device, dtype = default_device_dtype(device, dtype)
-    check_quantize_base(quantize_base, device=device)
-    if base_model not in (TINY, WORLD):
-        from .sources import check_model_path
-
-        check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
-    if say:
-        announce(say)
-        say(f"Loading base model {base_model}{'' if quantize_base == 'none' else f' ({quantize_base})'} ...")
-    quantization = pipeline_quantization(quantize_base, quantized_components(trained_text_encoders))
-    with quiet_libraries():  # importing diffusers' pipelines makes transformers talk about torchvision
-        from diffusers import StableDiffusionXLPipeline
-
-        from .loader import patch_pipeline
-        from .tiny import tiny_sdxl_pipeline
-        from .world.model import tiny_world_pipeline
-
-        pipe = tiny_sdxl_pipeline(seed=0) if base_model == TINY else tiny_world_pipeline() if base_model == WORLD else None
-        if pipe is not None:
-            pipe.to(dtype=dtype)
-            quantize_loaded(pipe, quantization)
-    if pipe is None:
-        extra = {} if quantization is None else {"quantization_config": quantization}
-        pipe = load_pretrained(StableDiffusionXLPipeline, str(base_model), "--base", torch_dtype=dtype,
-                               folder_hint="a folder written by save_pretrained (e.g. `gralora-diffusion make-tiny DIR`)", **extra)
-    with quiet_libraries():  # a cast says which modules "should be kept in float32", even when none
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return patch_pipeline(pipe)
-
-
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
-
-
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    # Words joined by two spaces: PIL's default font draws a space 2 px wide, which runs words together.
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line}  {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not line:
-            line = trial
-        else:
-            lines.append(line)
-            line = word
-    return lines + [line] if line else lines
-
-
-def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
-    """Rows x columns of equal-size images, a label column on the left and a header row on top
-    (labels wrapped to their cell: a long column label takes more lines, not its neighbour's space)."""
-    w, h = images[0][0].size
-    font = ImageFont.load_default(size=FONT_SIZE)
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    headers = [_wrap(draw, label, font, w - 6) for label in column_labels]
-    header_height = max(HEADER_HEIGHT, 8 + LINE_HEIGHT * max((len(lines) for lines in headers), default=1))
-    grid = Image.new("RGB", (LABEL_WIDTH + w * len(column_labels), header_height + h * len(row_labels)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, lines in enumerate(headers):
-        for i, line in enumerate(lines):
-            draw.text((LABEL_WIDTH + c * w + 3, 4 + LINE_HEIGHT * i), line, fill="black", font=font)
-    for r, (row, label) in enumerate(zip(images, row_labels)):
-        lines = _wrap(draw, label, font, LABEL_WIDTH - 8)[: max(1, (h - 4) // LINE_HEIGHT)]
-        for i, line in enumerate(lines):
-            draw.text((4, header_height + r * h + 4 + LINE_HEIGHT * i), line, fill="black", font=font)
-        for c, image in enumerate(row):
-            grid.paste(image, (LABEL_WIDTH + c * w, header_height + r * h))
-    return grid
 
 
 def _activate(pipe, names, weights, lora: bool, scale: float, fuse: bool) -> dict:
@@ -227,7 +156,7 @@ def _activate(pipe, names, weights, lora: bool, scale: float, fuse: bool) -> dic
     else:
         pipe.set_gralora_adapters(names, weights)
     if not fuse:
-        return {"cross_attention_kwargs": {"scale": scale}}
+        return {"scale": scale}
     if lora:
         pipe.fuse_lora(lora_scale=scale, adapter_names=names)
     else:
@@ -241,7 +170,7 @@ def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple
     labels = scale_labels(scales)
     if not side_by_side or len(names) < 2:
         return [(names, weights, s, f"scale {label}", f"scale{label}") for s, label in zip(scales, labels)]
-    from .evaluate import adapter_label
+    from .grids import adapter_label
 
     return [([name], [weight], s, f"{adapter_label(path)} {label}", f"a{i}_scale{label}")
             for i, (name, weight, (path, _)) in enumerate(zip(names, weights, adapters)) for s, label in zip(scales, labels)]
@@ -286,6 +215,8 @@ def generate_samples(
     pipe=None,
     progress: bool = True,
     side_by_side: bool = False,
+    per_image_adapters: list | None = None,
+    family: str | None = None,
     quantize_base: str = "none",
 ) -> GenerateResult:
     """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
@@ -293,21 +224,32 @@ def generate_samples(
     or written by generate before). `pipe`: an already loaded pipeline (with `patch_pipeline`) instead
     of `base_model`. `progress`: a loading line and a bar over the images (False: silent). `side_by_side`:
     a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline.
-    `quantize_base`: none, int8, nf4 or fp8, the base's weights as it loads (`load_base_pipeline`)."""
+    `per_image_adapters`: per prompt, the index of its adapter in `adapters` (None: the base); all prompts of
+    a seed and scale then go in one batch, each image with its own GraLoRA adapter (`gralora_adapter_names`).
+    `family`: the base's family when model_index.json does not say it (or `tiny` of another family than sdxl).
+    `quantize_base`: none, int8, nf4 or fp8, the base's weights as it loads (`bases.load_base`)."""
     from .any_adapter import LORA, load_any_adapter
+    from .bases import load_base, render
+    from .grids import labelled_grid
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
+    from .sources import check_adapter_paths
 
     _check_settings(prompts, seeds, scales, steps, height, width, guidance)
     for path, weight in adapters:  # the number rule before anything loads (the loader checks it again)
         limited("weight", weight, f"--adapter {path}:weight")
     check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
+    if per_image_adapters is not None:
+        _check_per_image(per_image_adapters, prompts, adapters, fuse, side_by_side)
     if pipe is None:
-        pipe = load_base_pipeline(base_model, device, dtype, say=print if progress else None, quantize_base=quantize_base)
+        pipe, _ = load_base(base_model, family, device, dtype, say=print if progress else None, quantize_base=quantize_base)
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
     lora, weights = LORA in kinds, [float(w) for _, w in adapters]  # each checked by load_any_adapter's loader
+    if per_image_adapters is not None and lora:
+        raise GraloraConfigError(f"--per_image_adapters: {adapters[kinds.index(LORA)][0]} is a plain LoRA; per-image "
+                                 "adapters are GraLoRA adapters only.")
     output_dir = Path(output_dir)
     claim_folder(output_dir, "generate", "output_dir", own=OUR_IMAGE, write=False)  # again: it may have changed meanwhile
     _replace_earlier_images(output_dir, print if progress else None)
@@ -326,11 +268,19 @@ def generate_samples(
                 kwargs = _activate(pipe, active, active_weights, lora, scale, fuse)
             try:
                 for r, (prompt, seed) in enumerate(rows):
+                    if per_image_adapters is not None:  # a seed's prompts in one batch, made at its first prompt
+                        if r < len(seeds):
+                            made = _per_image_batch(pipe, prompts, [None if i is None else names[i] for i in per_image_adapters],
+                                                    seed, negative_prompt=negative_prompt, num_inference_steps=steps,
+                                                    guidance_scale=guidance, height=height, width=width, **kwargs)
+                            for p, image in enumerate(made):
+                                images[p * len(seeds) + r][c] = image
+                        save_image(images[r][c], result.images[r * len(columns) + c])
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     with quiet_known_noise():  # an fp16 VAE's upcast talks; a cut prompt still says so
-                        images[r][c] = pipe(
-                            prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                            height=height, width=width, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs,
-                        ).images[0]
+                        images[r][c] = render(pipe, prompt, seed, steps, guidance, height, width, negative_prompt, **kwargs)
                     save_image(images[r][c], result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
                     if bar is not None:
                         bar.update(1)
@@ -342,8 +292,33 @@ def generate_samples(
         if progress is True and bar is not None:
             bar.close()
     row_labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
+    if per_image_adapters is not None:
+        from .evaluate import adapter_label
+
+        label = ["base" if i is None else adapter_label(adapters[i][0]) for i in per_image_adapters]
+        row_labels = [f"{text} [{label[r // len(seeds)]}]" for r, text in enumerate(row_labels)]
     save_image(labelled_grid(images, row_labels, result.columns), result.grid)
     return result
+
+
+def _check_per_image(indices, prompts, adapters, fuse: bool, side_by_side: bool) -> None:
+    if fuse or side_by_side:
+        raise GraloraConfigError("--per_image_adapters gives each prompt its own adapter in one batch; it does not go "
+                                 f"with {'--fuse' if fuse else '--side-by-side'}.")
+    if len(indices) != len(prompts) or any(i is not None and not 0 <= i < len(adapters) for i in indices):
+        raise GraloraConfigError(f"per_image_adapters={indices}: one adapter index (0..{len(adapters) - 1}) or None per prompt.")
+
+
+def _per_image_batch(pipe, prompts, names, seed: int, **kwargs) -> list:
+    """One call for all prompts, image i with adapter names[i]; each image's latents from its own generator
+    seeded `seed`, so it is the image a call with its prompt alone would give."""
+    import torch
+
+    from .quiet import quiet_known_noise
+
+    with quiet_known_noise():
+        return pipe(prompt=list(prompts), generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in prompts],
+                    gralora_adapter_names=names, **kwargs).images
 
 
 def save_image(image: Image.Image, path) -> None:

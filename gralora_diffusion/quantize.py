@@ -82,9 +82,10 @@ def _component_config(mode: str, transformers_model: bool):
     return TorchAoConfig(quant_type=quant_type)
 
 
-def quantized_components(trained_text_encoders: bool) -> tuple[str, ...]:
-    """What a quantized base quantizes: the denoiser, and the text encoders when they are not trained."""
-    return ("unet",) if trained_text_encoders else ("unet", "text_encoder", "text_encoder_2")
+def quantized_components(family, trained_text_encoders: bool) -> tuple[str, ...]:
+    """What a quantized base of `family` (bases.Family) quantizes: the denoiser, and the text encoders
+    when they are not trained."""
+    return (family.denoiser,) if trained_text_encoders else (family.denoiser, *family.text_encoders)
 
 
 def pipeline_quantization(mode: str, components=("unet", "text_encoder", "text_encoder_2")):

@@ -12,7 +12,7 @@ from conftest import PROMPT, SAMPLES, SUBPROCESS_ENV, generate, randomize_gralor
 
 import gralora_diffusion as gd
 from gralora_diffusion.errors import GraloraConfigError, TrainConfigError
-from gralora_diffusion.generate import load_base_pipeline
+from gralora_diffusion.bases import load_base
 from gralora_diffusion.quantize import (
     check_quantize_base,
     is_quantized_weight,
@@ -23,6 +23,10 @@ from gralora_diffusion.quantize import (
 )
 from gralora_diffusion.tiny import TINY_MODEL_ID
 from gralora_diffusion.train import TrainConfig, train
+
+
+def load_base_pipeline(spec, device, dtype, say=None, quantize_base="none"):
+    return load_base(spec, None, device, dtype, say=say, quantize_base=quantize_base)[0]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
