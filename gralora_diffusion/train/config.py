@@ -132,11 +132,12 @@ class TrainConfig:
         return cls(**clean)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        """File values first (`--config`), then the flags actually given on the command line."""
+    def from_args(cls, args: argparse.Namespace, defaults: dict | None = None) -> "TrainConfig":
+        """`defaults` (e.g. a benchmark's settings) first, then file values (`--config`), then the flags
+        actually given on the command line."""
         given = {k: v for k, v in vars(args).items() if k in cls.field_names()}
         data = read_config_file(Path(args.config)) if getattr(args, "config", None) else {}
-        return cls.from_dict({**data, **given}, source=str(getattr(args, "config", None) or "flags"))
+        return cls.from_dict({**(defaults or {}), **data, **given}, source=str(getattr(args, "config", None) or "flags"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
