@@ -47,6 +47,7 @@ class Benchmark:
     tasks: list[Task]
     metrics: tuple[str, ...]  # the table's columns, in order
     lower_is_better: tuple[str, ...] = ("drift",)
+    eval_seeds: tuple[int, ...] = (0, 1)  # one evaluation image per prompt and seed, unless --eval_seeds says otherwise
 
 
 def base_images(task: Task, base_folder: Path, seeds: int) -> dict[str, list]:
@@ -58,7 +59,7 @@ def base_images(task: Task, base_folder: Path, seeds: int) -> dict[str, list]:
     return {p: images[prompts.index(p)] for p in task.prompts.get(UNRELATED, [])}
 
 
-def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_variant: int = 1, eval_seeds: Sequence[int] = (0, 1),
+def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_variant: int = 1, eval_seeds: Sequence[int] | None = None,
                   guidance: float = 5.0, progress: bool = True):
     """Train and score every variant x subject x seed (seeds cfg.seed, cfg.seed + 1, ...); writes
     results.json into cfg.output_dir and returns the report (benchmark_report.BenchmarkReport)."""
@@ -74,6 +75,7 @@ def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_varia
         raise GraloraConfigError("--pretrained_model_name_or_path is required: world, a Hub id or a model folder.")
     if seeds_per_variant < 1:
         raise GraloraConfigError(f"--seeds_per_variant {seeds_per_variant}: at least 1.")
+    eval_seeds = benchmark.eval_seeds if eval_seeds is None else eval_seeds
     if not eval_seeds:
         raise GraloraConfigError("--eval_seeds: give at least one, e.g. 0,1.")
     first = 0 if cfg.seed is None else cfg.seed

@@ -112,8 +112,9 @@ def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def drift(base: torch.Tensor, adapted: torch.Tensor) -> float:
     """PEFT's drift (method_comparison/image-gen/run.py, `measure_drift`): (1 - mean cosine)/2 between
     the embeddings of the base model's and the adapted model's images of the same prompts and seeds,
-    row i with row i; 0 when nothing changed, 1 at the opposite."""
-    return (1 - paired_cosine(base, adapted).mean().item()) / 2
+    row i with row i; 0 when nothing changed, 1 at the opposite (clamped there: float rounding can put a
+    cosine a hair above 1)."""
+    return min(1.0, max(0.0, (1 - paired_cosine(base, adapted).mean().item()) / 2))
 
 
 def strip_identifier(prompt: str, identifier: str | None) -> str:
