@@ -50,6 +50,18 @@ class Benchmark:
     eval_seeds: tuple[int, ...] = (0, 1)  # one evaluation image per prompt and seed, unless --eval_seeds says otherwise
 
 
+def unrelated_pairs(base_images: dict, images, prompts) -> tuple[list, list]:
+    """(base images, adapted images) of the UNRELATED prompts, paired: the k-th image of a prompt (its
+    k-th evaluation seed, as evaluate.score_images flattens them) with the base model's k-th."""
+    base, adapted, seen = [], [], {}
+    for image, prompt in zip(images, prompts):
+        if prompt in base_images:
+            base.append(base_images[prompt][seen.get(prompt, 0)])
+            adapted.append(image)
+            seen[prompt] = seen.get(prompt, 0) + 1
+    return base, adapted
+
+
 def base_images(task: Task, base_folder: Path, seeds: int) -> dict[str, list]:
     """The base model's images of the task's UNRELATED prompts, read back from its run (PNG: lossless)."""
     from .compare import EVAL_FOLDER, load_images

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .benchmark import UNRELATED, Benchmark, Task
+from .benchmark import UNRELATED, Benchmark, Task, unrelated_pairs
 from .constants import IMAGE_SUFFIXES
 from .errors import GraloraConfigError
 
@@ -79,13 +79,8 @@ class DreamBenchScorer:
         subject = [(im, p) for im, p in zip(images, prompts) if self.roles.get(p) == "subject"]
         out = self.scorer([im for im, _ in subject], [p for _, p in subject])
         if self.base_images is not None and self.dino is not None:
-            unrelated = [(im, p) for im, p in zip(images, prompts) if self.roles.get(p) == UNRELATED]
-            seen: dict[str, int] = {}
-            base = []
-            for _, p in unrelated:  # k-th image of a prompt <-> its k-th evaluation seed
-                base.append(self.base_images[p][seen.get(p, 0)])
-                seen[p] = seen.get(p, 0) + 1
-            out["drift"] = drift(self.dino.embed_images(base), self.dino.embed_images([im for im, _ in unrelated]))
+            base, adapted = unrelated_pairs(self.base_images, images, prompts)
+            out["drift"] = drift(self.dino.embed_images(base), self.dino.embed_images(adapted))
         return out
 
 

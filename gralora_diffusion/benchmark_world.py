@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .benchmark import UNRELATED, Benchmark, Task
+from .benchmark import Benchmark, Task, unrelated_pairs
 
 NAME = "world-bench"
 METRICS = ("fidelity", "recontext", "prior", "drift")
@@ -47,12 +47,7 @@ class WorldBenchScorer:
         out = {"fidelity": scores["world_fidelity"], "recontext": scores["world_background"],
                "prior": self.world(*pick("prior"))["world_prior"]}
         if self.base_images is not None:
-            adapted, texts = pick(UNRELATED)
-            seen: dict[str, int] = {}
-            base = []
-            for p in texts:  # k-th image of a prompt <-> its k-th evaluation seed
-                base.append(self.base_images[p][seen.get(p, 0)])
-                seen[p] = seen.get(p, 0) + 1
+            base, adapted = unrelated_pairs(self.base_images, images, prompts)
             out["drift"] = drift(self.evaluator.embed(base), self.evaluator.embed(adapted))
         return out
 

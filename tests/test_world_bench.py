@@ -49,7 +49,6 @@ def test_drift_and_intervals_on_known_answers():
 
 
 def test_base_model_against_itself_drifts_zero():
-    from gralora_diffusion.compare import EVAL_FOLDER  # noqa: F401  (the layout base_images reads)
     from gralora_diffusion.evaluate import generate_grid, score_images
     from gralora_diffusion.world.evaluator import WorldEvaluator
     from gralora_diffusion.world.model import tiny_world_pipeline
