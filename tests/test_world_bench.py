@@ -108,3 +108,14 @@ def test_benchmark_flag_errors_are_one_line_exit_2(tmp_path, capsys, argv, words
     assert cli_main(["compare", *argv, "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_setting_added_later_keeps_finished_runs():
+    from gralora_diffusion.compare import changed_settings, comparable
+    from gralora_diffusion.train import TrainConfig
+
+    cfg = TrainConfig(instance_data_dir="x", rank=8)
+    older = {k: v for k, v in comparable(cfg).items() if k != "early_stop_patience"}  # written before that flag existed
+    assert changed_settings(older, cfg) == []
+    assert changed_settings({**older, "rank": 4}, cfg) == ["rank"]
+    assert changed_settings(older, TrainConfig(instance_data_dir="x", rank=8, early_stop_patience=2)) == ["early_stop_patience"]
