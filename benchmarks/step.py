@@ -120,7 +120,8 @@ def run(args) -> dict:
     spec = {"threads": getattr(args, "threads", None), "clock": getattr(args, "clock", "wall"),
             "dtype": getattr(args, "mixed_precision", None) or getattr(args, "dtype", "fp32"), "compile": compiled,
             "steps": 3 if quick else 5, "rounds": 2 if quick else max(2, getattr(args, "reps", 10) or 10),
-            "resolution": 64 if quick else 128, "batch": 1 if quick else 2}
+            "resolution": getattr(args, "resolution", None) or (64 if quick else 128),
+            "batch": getattr(args, "batch", None) or (1 if quick else 2)}
     cpu_only = str(getattr(args, "device", "cpu")).startswith("cpu")
 
     def _spawn(child_spec):

@@ -19,7 +19,7 @@ import re
 from peft import GraloraConfig
 
 from .errors import AdapterFileError, GraloraConfigError
-from .numbers import finite_number
+from .numbers import finite_number, limited
 
 # The config fields the adapter file keeps; the required ones define the tensor shapes.
 REQUIRED_HEADER_FIELDS = ("r", "alpha", "gralora_k", "hybrid_r", "target_modules")
@@ -50,8 +50,10 @@ def make_config(r: int = 8, gralora_k: int = 2, alpha: float | None = None, hybr
         raise GraloraConfigError(f"gralora_k={gralora_k!r}: k must be an integer >= 1 (2 for r <= 32, 4 for r >= 64).")
     if not _is_int(hybrid_r, 0):
         raise GraloraConfigError(f"hybrid_r={hybrid_r!r}: the hybrid LoRA rank must be an integer >= 0.")
-    if alpha is not None:  # NaN/inf alpha would give NaN images and inf exports
-        finite_number(alpha, "alpha (None for 2·r)")
+    limited("r", r, "r")  # the stated upper bounds (numbers.LIMITS): a rank of 2**20 only runs out of memory
+    limited("hybrid_r", hybrid_r, "hybrid_r")
+    if alpha is not None:  # NaN/inf alpha would give NaN images; 1e300 passes isfinite, then exports inf
+        limited("alpha", alpha, "alpha (None for 2·r)")
     finite_number(dropout, "dropout", low=0.0, high=1.0, high_open=True)
     if isinstance(target_modules, str):  # PEFT takes a string as a regex: a bad one fails here, not in re
         try:

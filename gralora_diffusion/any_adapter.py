@@ -57,7 +57,38 @@ def adapter_kind(source) -> tuple[str, str]:
     return HUB, str(source)
 
 
+def check_lora_file(path) -> None:
+    """A plain LoRA file's numbers at the edge (numbers.py), before diffusers reads it: every alpha a
+    finite scalar within `LIMITS["alpha"]`, every other tensor at least 1-D and finite. A NaN alpha
+    draws black images; a 0-dim weight is a traceback deep in PEFT."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from .numbers import limited
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if key.endswith("alpha"):
+                    if tensor.numel() != 1:
+                        raise AdapterFileError(f"{path}: {key} has shape {tuple(tensor.shape)}; an alpha is one number.")
+                    try:
+                        limited("alpha", float(tensor.reshape(())), key, AdapterFileError)
+                    except AdapterFileError as err:
+                        raise AdapterFileError(f"{path}: {err}") from None
+                    continue
+                if tensor.dim() == 0 or tensor.numel() == 0:
+                    raise AdapterFileError(f"{path}: {key} has shape {tuple(tensor.shape)}; a LoRA weight is a matrix.")
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise AdapterFileError(f"{path}: {key} holds NaN or infinite values; the file is damaged.")
+    except SafetensorError as err:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:200]}).") from None
+
+
 def _load_lora(pipe, path: str, adapter_name: str) -> None:
+    if Path(path).is_file():
+        check_lora_file(path)
     try:
         pipe.load_lora_weights(path, adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError, OSError) as err:

@@ -10,7 +10,7 @@ import os
 import sys
 
 from . import threads
-from .errors import GraloraError
+from .failures import expected_errors, one_line
 
 # command name -> module under gralora_diffusion.commands
 COMMANDS = {
@@ -96,15 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python would report the pipe again when it flushes at exit
         return 0
-    except (GraloraError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
-        if args.debug:
-            raise
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, always
-        print(f"gralora-diffusion {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"gralora-diffusion {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the error edge (failures.py) decides; anything else re-raised
+        if args.debug or not isinstance(err, expected_errors()):
+            raise
+        print(f"gralora-diffusion {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", 
 EMBEDDED_BASES = ("tiny", "world")  # names load_base_pipeline builds in memory (no folder, no Hub id)
 BASE_FOLDER, RUN_FILE, EVAL_FOLDER, LOG_FILE = "base", "run.json", "eval", "train.log"
 # Settings that change no trained weight: a finished run still counts when only these differ.
-NOT_SHAPING = ("output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "checkpointing_steps",
+NOT_SHAPING = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "checkpointing_steps",
                "checkpoints_total_limit", "dataloader_num_workers", "push_to_hub", "hub_model_id", "validation_prompt",
-               "validation_steps", "num_validation_images", "validation_metrics", "dino_model", "clip_model")
+               "validation_steps", "validation_epochs", "num_validation_images", "validation_metrics", "dino_model", "clip_model",
+               "output_kohya_format")
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ class Variant:
     @property
     def name(self) -> str:
         """Folder and column name: 'gralora_r32_k2', 'gralora_r16_k2_h8', 'lora_r32'."""
-        parts = [f"{SHORT.get(k, k)}{v}" for k, v in self.settings[1:]]
-        return re.sub(r"[^\w.+-]", "-", "_".join([self.adapter, *parts]))
+        parts = [f"{SHORT.get(k, k)}{v}" for k, v in self.settings[1:] if k != "use_dora"]
+        kind = "dora" if dict(self.settings).get("use_dora") else self.adapter
+        return re.sub(r"[^\w.+-]", "-", "_".join([kind, *parts]))
 
     @property
     def adapter(self) -> str:
@@ -63,13 +65,14 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """'gralora:r=32,k=2,hybrid_r=8' or 'lora:r=32' -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets)."""
+    """'gralora:r=32,k=2,hybrid_r=8', 'lora:r=32' or 'dora:r=8' (PEFT's DoRA, the LoRA baseline with
+    --use_dora) -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets)."""
     kind, _, rest = text.strip().partition(":")
-    example = "e.g. gralora:r=32,k=2 or lora:r=32"
-    if kind not in ("gralora", "lora"):
-        raise GraloraConfigError(f"--variants {text!r}: start with gralora: or lora: ({example}).")
+    example = "e.g. gralora:r=32,k=2, lora:r=32 or dora:r=8"
+    if kind not in ("gralora", "lora", "dora"):
+        raise GraloraConfigError(f"--variants {text!r}: start with gralora:, lora: or dora: ({example}).")
     hints = typing.get_type_hints(TrainConfig)
-    settings = {"adapter": kind}
+    settings = {"adapter": "lora", "use_dora": True} if kind == "dora" else {"adapter": kind}
     for item in filter(None, (i.strip() for i in rest.split(","))):
         key, sep, value = item.partition("=")
         key = ALIASES.get(key.strip(), key.strip())
@@ -81,8 +84,8 @@ def parse_variant(text: str) -> Variant:
             settings[key] = kind_of(value.strip())
         except ValueError:
             raise GraloraConfigError(f"--variants {text!r}: {key}={value!r} is not a {kind_of.__name__}.") from None
-    if kind == "lora" and ("gralora_k" in settings or settings.get("hybrid_r")):
-        raise GraloraConfigError(f"--variants {text!r}: k and hybrid_r are GraLoRA settings; plain LoRA takes r, alpha, dropout, lr.")
+    if kind != "gralora" and ("gralora_k" in settings or settings.get("hybrid_r")):
+        raise GraloraConfigError(f"--variants {text!r}: k and hybrid_r are GraLoRA settings; {kind} takes r, alpha, dropout, lr.")
     return Variant(text.strip(), tuple(settings.items()))
 
 
@@ -100,7 +103,8 @@ def run_config(cfg: TrainConfig, variant: Variant, seed: int) -> TrainConfig:
     """The base config with the variant's settings, one seed, its own folder; LoRA gets hybrid_r 0."""
     settings = {"hybrid_r": 0, **dict(variant.settings)} if variant.adapter == "lora" else dict(variant.settings)
     folder = Path(cfg.output_dir) / variant.name / f"seed{seed}"
-    return dataclasses.replace(cfg, **settings, seed=seed, output_dir=str(folder), resume_from_checkpoint=None, push_to_hub=False)
+    return dataclasses.replace(cfg, **settings, seed=seed, output_dir=str(folder), resume_from_checkpoint=None,
+                               overwrite_output_dir=True, push_to_hub=False)  # compare owns its run folders
 
 
 def comparable(cfg: TrainConfig) -> dict:
@@ -164,34 +168,61 @@ class PeakMemory:
 
 
 def read_record(folder: Path) -> dict:
+    """run.json, checked by type (a record compare did not write, or an edited one, is redone, never
+    trusted): {} when missing, unreadable or not of the shape compare writes."""
     path = folder / RUN_FILE
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:  # written while killed: the run is redone from its checkpoint
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, OSError):  # written while killed: the run is redone from its checkpoint
         return {}
+    return record if _record_shape_ok(record) else {}
+
+
+def _record_shape_ok(record) -> bool:
+    from .numbers import finite_number, whole_number
+
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        return False
+    try:
+        if "train" in record:
+            train = record["train"]
+            if not isinstance(train, dict) or not isinstance(train.get("weights"), str) or "/" in train["weights"]:
+                return False
+            whole_number(train.get("steps"), "steps", ValueError, low=0)
+            whole_number(train.get("parameters"), "parameters", ValueError, low=0, high=2**63 - 1)
+            for key in ("step_time_s", "peak_memory_mb"):
+                if train.get(key) is not None:
+                    finite_number(train[key], key, ValueError, low=0)
+        metrics = record.get("metrics", {})
+        if not isinstance(metrics, dict):
+            return False
+        for value in metrics.values():
+            if value is not None:
+                finite_number(value, "metric", ValueError)
+    except ValueError:
+        return False
+    return True
 
 
 def write_record(folder: Path, record: dict) -> None:
-    tmp = folder / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(folder / RUN_FILE)  # whole or not at all
+    from .atomic import atomic_write
+
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(folder / RUN_FILE, lambda tmp: Path(tmp).write_text(text))  # whole or not at all
 
 
 def save_images(folder: Path, images: list[list]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    from .generate import save_image
+
     for p, row in enumerate(images):
         for s, image in enumerate(row):
-            image.save(folder / f"p{p}-s{s}.png")
+            save_image(image, folder / f"p{p}-s{s}.png")
 
 
 def load_images(folder: Path, prompts: int, seeds: int) -> list[list]:
-    from PIL import Image
+    from .images import read_image
 
-    def load(path):
-        with Image.open(path) as image:
-            return image.convert("RGB")
-
-    return [[load(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
+    return [[read_image(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
 
 
 @contextlib.contextmanager
@@ -295,9 +326,11 @@ def estimated_steps(cfg: TrainConfig) -> int:
     """For the progress bar: --max_train_steps, else the epochs' updates (without buckets' rounding)."""
     if cfg.max_train_steps:
         return cfg.max_train_steps
-    from .train.data import scan_images
+    from .train.data import epoch_items, scan_images
 
-    batches = math.ceil(len(scan_images(cfg.instance_data_dir, cfg.instance_prompt)) * cfg.repeats / cfg.train_batch_size)
+    classes = cfg.num_class_images if cfg.with_prior_preservation else 0
+    items = epoch_items(len(scan_images(cfg.instance_data_dir, cfg.instance_prompt)), cfg.repeats, classes)
+    batches = math.ceil(items / cfg.train_batch_size)
     return cfg.num_train_epochs * math.ceil(batches / cfg.gradient_accumulation_steps)
 
 
@@ -315,12 +348,17 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     from .evaluate import default_prompts, instance_scorers, subject_of
     from .generate import default_device_dtype, load_base_pipeline
     from .metrics import quiet_libraries
+    from .outputs import claim_folder
 
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
     if not base:
         raise GraloraConfigError("--pretrained_model_name_or_path is required: tiny, world, a Hub id or a model folder.")
-    if seeds_per_variant < 1:
-        raise GraloraConfigError(f"--seeds_per_variant {seeds_per_variant}: at least 1.")
+    from .numbers import limited
+
+    limited("seeds_per_variant", seeds_per_variant)
+    limited("eval_guidance", guidance)
+    for seed in eval_seeds:
+        limited("eval_seeds", seed)
     first = 0 if cfg.seed is None else cfg.seed
     seeds = list(range(first, first + seeds_per_variant))
     runs = [(v, run_config(cfg, v, s)) for v in variants for s in seeds]
@@ -329,6 +367,8 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
             rcfg.validate(need_model=base not in EMBEDDED_BASES)
         except TrainConfigError as err:
             raise TrainConfigError(f"--variants {variant.spec}: {err}") from None
+    claim_folder(cfg.output_dir, "compare", protected=[(cfg.instance_data_dir, "instance images"),
+                                                       (cfg.class_data_dir, "class images")], own=re.compile(r"grid\.png"))
     subject = subject_of(cfg.instance_prompt)
     prompts = list(prompts or []) or (default_prompts(subject) if subject else [])
     if not prompts:

@@ -76,8 +76,12 @@ def write_report(out: Path, entries: list[dict], base_record: dict, ev) -> Compa
     for e in entries:
         images = load_images(out / e["runs"][0] / EVAL_FOLDER, len(ev.prompts), len(ev.seeds))
         columns.append(VariantResult(e["name"], e["runs"][0], e["kind"], images=images))
+    from .atomic import atomic_write
+    from .generate import save_image
+
     grid = out / GRID_NAME
-    labelled_variant_grid(columns, ev.prompts).save(grid)
+    save_image(labelled_variant_grid(columns, ev.prompts), grid)
     path = out / RESULTS_NAME
-    path.write_text(json.dumps(entries, indent=2) + "\n")
+    text = json.dumps(entries, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return Comparison(entries, base_record["metrics"], path, grid)

@@ -36,3 +36,7 @@ class OutputError(GraloraError, OSError):
 
 class UnreadableImageError(TrainingError):
     """A training image whose pixels cannot be decoded, met while training (its header read fine)."""
+
+
+class ImageFileError(GraloraError, ValueError):
+    """An image file that cannot be read, or is refused before decoding (too many pixels, too narrow)."""

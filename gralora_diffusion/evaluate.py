@@ -99,17 +99,17 @@ def read_instance_images(folder) -> list[Image.Image]:
     folder = Path(folder)
     if not folder.is_dir():
         raise GraloraConfigError(f"--instance_data_dir {folder}: no such folder (give the folder of subject photos).")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise GraloraConfigError(f"--instance_data_dir {folder}: no images ({', '.join(IMAGE_SUFFIXES)}).")
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except OSError as err:
-            raise GraloraConfigError(f"{path}: cannot read the image ({err}); remove or replace it.") from None
-    return images
+    from .images import read_image  # the trainer's reader: the same pixels it trained on
+
+    return [read_image(path) for path in paths]
+
+
+def _instance_files(folder) -> list[Path]:
+    folder = Path(folder) if folder is not None else None
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder is not None and folder.is_dir() else []
 
 
 def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEFAULT_CLIP_MODEL,
@@ -191,7 +191,13 @@ def _labelled_sources(adapters) -> list[tuple[str, object]]:
     return pairs
 
 
-def _check_inputs(prompts, seeds, steps, resolution) -> None:
+def _check_inputs(prompts, seeds, steps, resolution, guidance=5.0) -> None:
+    from .numbers import limited
+
+    for seed in seeds:
+        limited("seeds", seed, "--seeds")
+    for name, value in (("steps", steps), ("resolution", resolution), ("guidance", guidance)):
+        limited(name, value, f"--{name}")
     if not prompts:
         raise GraloraConfigError("No prompts: give --prompt / --prompts_file, or a --subject for the default set.")
     if not seeds:
@@ -238,13 +244,15 @@ def evaluate_adapter(
 
     prompts = list(prompts) if prompts else default_prompts(subject)
     identifier = default_identifier(subject) if identifier is None else identifier or None
-    seeds, sources = [int(s) for s in seeds], _labelled_sources(adapters)
-    _check_inputs(prompts, seeds, steps, resolution)
+    seeds, sources = list(seeds), _labelled_sources(adapters)
+    _check_inputs(prompts, seeds, steps, resolution, guidance)
     if instance_images is None:
         if instance_data_dir is None and scorers is None:
             raise GraloraConfigError("Give the instance images: --instance_data_dir FOLDER (the subject photos).")
         instance_images = read_instance_images(instance_data_dir) if instance_data_dir is not None else []
     check_adapter_paths([source for _, source in sources if isinstance(source, (str, Path))])
+    inputs = [source for _, source in sources] + _instance_files(instance_data_dir)
+    check_outputs(output_dir, json_path, inputs, instance_data_dir)  # before any model loads
     if scorers is None:  # before the (slow) base model: a missing metric model fails at once
         device = pipe.device if pipe is not None else default_device_dtype(device)[0]
         scorers = build_scorers(instance_images, dino_model, clip_model, identifier, device, base_model)
@@ -265,7 +273,7 @@ def evaluate_adapter(
                 "clip_model": clip_model and str(clip_model), "identifier": identifier, "guidance": guidance,
                 "resolution": resolution}
     result = EvaluationResult(str(base_model), prompts, seeds, steps, variants, settings)
-    return write_outputs(result, prompts, output_dir, json_path)
+    return write_outputs(result, prompts, output_dir, json_path, inputs, instance_data_dir)
 
 
 def evaluate_variant(pipe, label: str, source, scorers, prompts, seeds, steps: int, guidance: float = 5.0,
@@ -283,21 +291,58 @@ def evaluate_variant(pipe, label: str, source, scorers, prompts, seeds, steps: i
     return VariantResult(label, source_text, kind, score_images(scorers, images, prompts), images)
 
 
-def write_outputs(result: EvaluationResult, prompts, output_dir=None, json_path=None) -> EvaluationResult:
-    """`output_dir`: grid.png and results.json; `json_path`: the JSON (also) there."""
+def is_results_json(path) -> bool:
+    """A JSON file evaluate wrote (so `--json` may replace it): a small object with its keys."""
+    try:
+        if Path(path).stat().st_size > 50_000_000:
+            return False
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"base_model", "prompts", "seeds", "variants"} <= set(data)
+
+
+def check_outputs(output_dir=None, json_path=None, inputs=(), instance_data_dir=None, write: bool = False) -> None:
+    """The output rule (outputs.py) for evaluate's grid, results.json and --json: never onto a file it
+    reads (an adapter, a photo), never into the instance folder, never over a file it did not write."""
+    from .outputs import check_output_file, claim_folder
+
+    protected = [instance_data_dir] if instance_data_dir is not None else []
+    inputs = [p for p in inputs if isinstance(p, (str, Path))]
+    if output_dir is not None:
+        claim_folder(output_dir, "evaluate", "--output_dir", protected=protected, own=re.compile(r"grid\.png"), write=write)
+    if json_path is not None:
+        check_output_file(json_path, "--json", inputs, protected, owned=is_results_json)
+
+
+def _finite_or_none(value):
+    """JSON has no NaN: a metric that could not be computed is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def write_outputs(result: EvaluationResult, prompts, output_dir=None, json_path=None, inputs=(),
+                  instance_data_dir=None) -> EvaluationResult:
+    """`output_dir`: grid.png and results.json; `json_path`: the JSON (also) there. Through the output
+    rule (`check_outputs`) and the atomic writer."""
+    from .atomic import atomic_write
+    from .generate import save_image
+
+    check_outputs(output_dir, json_path, inputs, instance_data_dir, write=True)
     paths = [Path(json_path)] if json_path is not None else []
     if output_dir is not None:
         output_dir = Path(output_dir)
-        if output_dir.exists() and not output_dir.is_dir():
-            raise GraloraConfigError(f"--output_dir {output_dir}: is a file; give a folder (created if missing).")
-        output_dir.mkdir(parents=True, exist_ok=True)
         result.grid = output_dir / "grid.png"
-        labelled_variant_grid(result.variants, prompts).save(result.grid)
+        save_image(labelled_variant_grid(result.variants, prompts), result.grid)
         paths.append(output_dir / "results.json")
-    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    text = json.dumps(_finite_or_none(result.to_dict()), indent=2, allow_nan=False) + "\n"
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     result.json_path = paths[0] if paths else None
     return result
 

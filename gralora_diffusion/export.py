@@ -1,4 +1,6 @@
-"""Export a GraLoRA adapter as a plain LoRA file that stock diffusers, ComfyUI and A1111 load.
+"""Export a GraLoRA adapter as a plain LoRA file that stock diffusers, ComfyUI and A1111 load
+(a plain LoRA source, the trainer's `--adapter lora` baseline, is re-keyed or truncated the same way:
+`lora_source.py`).
 
 Exact (rank=None): every GraLoRA block (out j, in n) is the rank-t product
 `s · (A[n][:, j·t:(j+1)·t] @ B[j][n·t:(n+1)·t, :])ᵀ` (DESIGN.md §1), so stacking the k² block
@@ -33,6 +35,7 @@ from .constants import KOHYA_WEIGHT_NAME, torch_dtype
 from .constants import LORA_WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .errors import ExportError
 from .export_names import module_path, resolve_layers_per_block, to_kohya
+from .lora_source import is_lora_config, lora_modules, module_scale, read_lora_source
 from .numbers import finite_number
 from .sources import resolve_adapter
 
@@ -84,7 +87,7 @@ class ExportReport:
             shown = ", ".join(f"{r}" for r in sorted(set(ranks)))
             lines.append(f"  {component}: {len(ranks)} modules, rank {shown}")
         if self.exact:
-            lines.append("  exact: the LoRA's ΔW equals the GraLoRA ΔW (closed form, no SVD)")
+            lines.append("  exact: the LoRA's ΔW equals the source's ΔW (closed form, no SVD)")
         else:
             lines.append(f"  SVD rank {self.requested_rank}: kept energy {self.overall_energy:.6f} overall "
                          f"(relative error of ΔW {math.sqrt(max(0.0, 1 - self.overall_energy)):.4f})")
@@ -99,7 +102,9 @@ def format_size(size: int) -> str:
 
 
 def exact_rank(config: dict) -> int:
-    """Rank of the plain LoRA that equals a GraLoRA module exactly: k·r + hybrid_r."""
+    """Rank of the plain LoRA that equals a GraLoRA module exactly: k·r + hybrid_r (a LoRA source: r)."""
+    if is_lora_config(config):
+        return config["r"]
     return config["gralora_k"] * config["r"] + config["hybrid_r"]
 
 
@@ -112,9 +117,24 @@ def group_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     return dict(sorted(modules.items()))
 
 
-def lora_factors(tensors: dict[str, torch.Tensor], config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _modules(state_dict: dict, config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    return lora_modules(state_dict) if is_lora_config(config) else group_modules(state_dict)
+
+
+def _features(tensors: dict, config: dict) -> tuple[int, int]:
+    """(in, out) of the adapted Linear."""
+    if is_lora_config(config):
+        return tensors["lora_A.weight"].shape[1], tensors["lora_B.weight"].shape[0]
+    k = config["gralora_k"]
+    return tensors["gralora_A"].shape[1] * k, tensors["gralora_B"].shape[2] * k
+
+
+def lora_factors(tensors: dict[str, torch.Tensor], config: dict, module: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(down [k·r + hybrid_r, in], up [out, k·r + hybrid_r]) in float32 with up @ down == ΔW
-    (PEFT's `get_delta_weight`, scaling included). Closed form: block factors copied, no SVD."""
+    (PEFT's `get_delta_weight`, scaling included). Closed form: block factors copied, no SVD.
+    A LoRA source: its own factors, alpha / r folded into up."""
+    if is_lora_config(config):
+        return tensors["lora_A.weight"].float(), tensors["lora_B.weight"].float() * module_scale(config, module)
     A, B = tensors["gralora_A"].float(), tensors["gralora_B"].float()  # [k, in/k, r], [k, r, out/k]
     k, in_k, r = A.shape
     out_k, t = B.shape[2], r // k
@@ -169,9 +189,8 @@ def _export_ranks(adapter: AdapterFile, rank: int | None) -> list[tuple[str, str
     plan = []
     for component, state_dict in adapter.state_dicts.items():
         config = adapter.configs[component]
-        for module, tensors in group_modules(state_dict).items():
-            k = config["gralora_k"]
-            in_f, out_f = tensors["gralora_A"].shape[1] * k, tensors["gralora_B"].shape[2] * k
+        for module, tensors in _modules(state_dict, config).items():
+            in_f, out_f = _features(tensors, config)
             if rank is not None and rank > min(in_f, out_f):
                 raise ExportError(
                     f"rank={rank} is larger than {component}.{module} allows ({in_f}->{out_f}: at most "
@@ -215,7 +234,7 @@ def _convert(adapter: AdapterFile, plan, format: str, rank: int | None, out_dtyp
     entries: dict[str, list[tuple[str, int]]] = {}
     for component, module, parts, in_f, out_f, written in plan:
         config = adapter.configs[component]
-        down, up = lora_factors(parts, config)
+        down, up = lora_factors(parts, config, module)
         if rank is None:  # ||up @ down||_F² from the two small Gram matrices, without forming ΔW
             energy, total = 1.0, float(((up.T @ up).double() * (down @ down.T).double()).sum())
         else:
@@ -235,14 +254,37 @@ def check_not_source(dst: Path, adapter: AdapterFile) -> None:
     """Refuse a destination that is one of the files the adapter was read from, however it is
     spelled: the file, its folder's file, a PEFT folder's adapter_model.safetensors or
     adapter_config.json, through symlinks, `..` or a hard link. Nothing is written."""
+    from .outputs import check_output_file, same_file
+
     sources = [Path(f) for f in adapter.files] or [Path(str(adapter.source))]
-    target = dst.resolve()
     for source in sources:
-        same = target == source.resolve()
-        with contextlib.suppress(OSError):  # a hard link: another name for the same inode
-            same = same or os.path.samefile(dst, source)
-        if same:
+        if same_file(dst, source):  # through symlinks, `..` and hard links
             raise ExportError(f"{dst} is {source}, a file of the source adapter; pick another output path. Nothing was written.")
+    # the output rule (outputs.py): a new file, or an export of ours; never a link, never someone else's file
+    check_output_file(dst, "export-lora: the destination", owned=is_our_export, error=ExportError)
+
+
+def is_our_export(path) -> bool:
+    """A LoRA file export_lora wrote (its header says so), which a new export may replace."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "gralora_export" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours
+        return False
+
+
+def _read_source(src) -> AdapterFile:
+    """A GraLoRA adapter (anything `load_gralora_weights` reads), or a plain LoRA file in diffusers'
+    layout (`lora_source`), told apart by `any_adapter.adapter_kind` (header and keys)."""
+    from .any_adapter import LORA, adapter_kind
+
+    if isinstance(src, (str, os.PathLike)):
+        kind, target = adapter_kind(src)
+        if kind == LORA:
+            return read_lora_source(target)
+    return resolve_adapter(src)
 
 
 @contextlib.contextmanager
@@ -292,7 +334,7 @@ def export_lora(
     blocker = next((p for p in [dst.parent, *dst.parent.parents] if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ExportError(f"{dst}: {blocker} is a file, not a folder; pick an output path in a folder.")
-    adapter = resolve_adapter(src)
+    adapter = _read_source(src)
     out_dtype = resolve_dtype(dtype, adapter)
     if dst.is_dir():
         dst = dst / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)

@@ -23,9 +23,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR, torch_dtype
 from .errors import GraloraConfigError
+from .numbers import limited
+from .outputs import OWNER_FILE, claim_folder, mark_folder, owner
 
 TINY = "tiny"
-MARKER = ".gralora-generate"  # in every folder generate writes to: the images beside it are ours
+MARKER = OWNER_FILE  # in every folder generate writes to (outputs.py): the images beside it are ours
 OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
 WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
 LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
@@ -95,6 +97,12 @@ def read_prompts(path) -> list[str]:
 
 def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise GraloraConfigError(f"--device {device!r}: not a device; use cpu or cuda (cuda:0, ...).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GraloraConfigError(f"--device {device}: torch {torch.__version__} sees no CUDA device here; use --device cpu.")
     if dtype is not None:
         dtype = torch_dtype(dtype)
     return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
@@ -111,24 +119,22 @@ def check_adapter_paths(paths) -> None:
 
 
 def check_output_dir(output_dir) -> None:
-    """Refuse a file, and a folder holding images or captions that generate did not write (a training
-    set, say): generate writes only into new or empty folders, or folders it marked itself."""
-    from .constants import IMAGE_SUFFIXES
+    """The output rule (outputs.claim_folder) for generate: a new or empty folder, or one generate made
+    before; a file, another command's folder, or a folder holding images or captions generate did not
+    write (a training set) is refused. Nothing is written here."""
+    claim_folder(output_dir, "generate", "output_dir", own=OUR_IMAGE, write=False)
 
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise GraloraConfigError(f"output_dir {output_dir}: is a file, not a folder; give a folder path (created if missing).")
-    if not path.is_dir():
+
+def _replace_earlier_images(output_dir: Path, say) -> None:
+    """generate's own folder again: the images an earlier run wrote go, so a grid never sits beside
+    another run's images (outputs never mix). Only files generate names and made (OUR_IMAGE, marked)."""
+    if owner(output_dir) != "generate":
         return
-    ours = (path / MARKER).is_file()
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    images = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-    foreign = [p.name for p in files if (p.suffix.lower() in IMAGE_SUFFIXES and not (ours and OUR_IMAGE.fullmatch(p.name)))
-               or p.name == "metadata.jsonl" or (p.suffix == ".txt" and p.stem in images)]
-    if foreign:
-        raise GraloraConfigError(
-            f"output_dir {output_dir}: holds {len(foreign)} image or caption file(s) generate did not write "
-            f"(e.g. {foreign[0]}), such as a training set; give a new or empty folder (default: {DEFAULT_OUTPUT_DIR}/).")
+    earlier = [p for p in output_dir.iterdir() if p.is_file() and not p.is_symlink() and OUR_IMAGE.fullmatch(p.name)]
+    for path in earlier:
+        path.unlink()
+    if earlier and say:
+        say(f"Replaced {len(earlier)} images an earlier generate run wrote in {output_dir}/")
 
 
 def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
@@ -233,7 +239,12 @@ def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple
             for i, (name, weight, (path, _)) in enumerate(zip(names, weights, adapters)) for s, label in zip(scales, labels)]
 
 
-def _check_settings(prompts, seeds, scales, steps, height, width) -> None:
+def _check_settings(prompts, seeds, scales, steps, height, width, guidance=5.0) -> None:
+    for name, values in (("seeds", seeds), ("scales", scales)):
+        for value in values:
+            limited(name, value, f"--{name}")
+    for name, value in (("steps", steps), ("height", height), ("width", width), ("guidance", guidance)):
+        limited(name, value, f"--{name}")
     if not prompts:
         raise GraloraConfigError("No prompts: give --prompt or --prompts-file.")
     if not seeds or not scales:
@@ -276,7 +287,9 @@ def generate_samples(
     from .any_adapter import LORA, load_any_adapter
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
 
-    _check_settings(prompts, seeds, scales, steps, height, width)
+    _check_settings(prompts, seeds, scales, steps, height, width, guidance)
+    for path, weight in adapters:  # the number rule before anything loads (the loader checks it again)
+        limited("weight", weight, f"--adapter {path}:weight")
     check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
     if pipe is None:
@@ -284,11 +297,11 @@ def generate_samples(
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
-    lora, weights = LORA in kinds, [float(w) for _, w in adapters]
+    lora, weights = LORA in kinds, [float(w) for _, w in adapters]  # each checked by load_any_adapter's loader
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / MARKER).write_text("Written by gralora-diffusion generate: it writes only into folders holding this file "
-                                     "or no images.\n")
+    claim_folder(output_dir, "generate", "output_dir", own=OUR_IMAGE, write=False)  # again: it may have changed meanwhile
+    _replace_earlier_images(output_dir, print if progress else None)
+    mark_folder(output_dir, "generate")
     rows, columns = [(p, s) for p in prompts for s in seeds], _columns(adapters, names, weights, scales, side_by_side)
     paths = [output_dir / f"{r // len(seeds):02d}_{_slug(p)}_seed{s}_{tag}.png" for r, (p, s) in enumerate(rows) for *_, tag in columns]
     result = GenerateResult(output_dir, output_dir / "grid.png", paths, rows, list(scales), dict(zip(names, weights)),
@@ -308,7 +321,7 @@ def generate_samples(
                             prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                             height=height, width=width, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs,
                         ).images[0]
-                    images[r][c].save(result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
+                    save_image(images[r][c], result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
                     if bar is not None:
                         bar.update(1)
             finally:
@@ -319,5 +332,12 @@ def generate_samples(
         if progress is True and bar is not None:
             bar.close()
     row_labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
-    labelled_grid(images, row_labels, result.columns).save(result.grid)
+    save_image(labelled_grid(images, row_labels, result.columns), result.grid)
     return result
+
+
+def save_image(image: Image.Image, path) -> None:
+    """A PNG written atomically (the output rule's writer): a stopped run leaves no half image."""
+    from .atomic import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -1,10 +1,13 @@
 """Share an adapter: a Hub model card (huggingface_hub.ModelCard) and a push (create_repo + upload_folder).
 
-What goes up is an explicit list of files (`files_to_push`): the adapter file, README.md (the card),
-the images the card shows, the images directly in `samples/`, and optionally the exact LoRA export
-(`pytorch_lora_weights.safetensors`, loadable with stock `load_lora_weights`). Nothing else in the
+What goes up is an explicit list of regular files inside the folder (`push_plan`): the adapter file,
+README.md (the card), the images directly in `samples/` (the only images the card generator shows; the
+card's text is never scanned for links), and optionally the exact LoRA export
+(`pytorch_lora_weights.safetensors`, loadable with stock `load_lora_weights`). A symbolic link, or a
+path whose real location leaves the folder, is refused and listed, never followed. Nothing else in the
 folder (photos, class images, checkpoints, logs, optimizer state) is uploaded, whatever its name or
-depth, and nothing local is ever deleted.
+depth, and nothing local is ever deleted. User text in the card (prompts, ids, paths) is escaped:
+Markdown (`md`), YAML (huggingface_hub's yaml dump), Python and shell literals in its code blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import stat
+import urllib.parse
 from pathlib import Path
 
 from .adapter_file import atomic_write, read_adapter_file
@@ -22,51 +27,100 @@ from .export import export_lora, format_size
 from .info import adapter_info
 
 TAGS = ["gralora", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
+LORA_TAGS = ["lora", "gralora-diffusion", "text-to-image", "stable-diffusion-xl", "diffusers", "template:sd-lora"]
 
 
 def _sample_images(folder: Path) -> list[str]:
-    """Images in the `samples/` subfolder (what training writes), relative paths, sorted (grids last).
-    Not the folder itself: a user's own photos may lie there, and the card must not show them."""
-    samples = folder / "samples"
-    found = [p for p in (sorted(samples.iterdir()) if samples.is_dir() else [])
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
-    rel = [p.relative_to(folder).as_posix() for p in found]
+    """Regular image files in the `samples/` subfolder (what training writes), relative paths, sorted
+    (grids last). Not the folder itself: a user's own photos may lie there, and the card must not show
+    them. Links and anything outside the folder are left out (`push_plan`)."""
+    rel = [name for name in push_plan(folder)[0] if name.startswith("samples/")]
     return [r for r in rel if "grid" not in Path(r).name] + [r for r in rel if "grid" in Path(r).name]
 
 
-def _card_images(folder: Path) -> list[str]:
-    """Relative image paths the card in `folder` shows (markdown images and widget outputs) that are
-    files inside the folder; links that leave the folder or point elsewhere are not ours to upload."""
-    card = folder / CARD_NAME
-    if not card.is_file():
-        return []
-    text = card.read_text(encoding="utf-8", errors="replace")
-    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text) + re.findall(r"^\s*url:\s*['\"]?([^'\"\s]+)", text, re.M)
-    root, found = folder.resolve(), []
-    for link in links:
-        path = (folder / link).resolve()
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.is_relative_to(root):
-            found.append(path.relative_to(root).as_posix())
-    return found
+def _inside_regular_file(folder: Path, name: str) -> str | None:
+    """None when `folder/name` is a regular file inside `folder` reached through no symbolic link; else why not."""
+    path, root = folder / name, folder.resolve()
+    for part in [path, *path.parents]:
+        if part == folder:
+            break
+        if part.is_symlink():
+            return f"{part.relative_to(folder).as_posix()} is a symbolic link"
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return "missing"
+    if not real.is_relative_to(root):
+        return f"its real path {real} is outside {folder}"
+    if not stat.S_ISREG(path.lstat().st_mode):
+        return "not a regular file"
+    return None
+
+
+def push_plan(folder, include_lora_export: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files a push uploads, [(file, why it is refused)]). Candidates: the adapter, README.md (the
+    card), the images directly in `samples/` (the card shows only those: it is never scanned for links),
+    and the LoRA export when asked. Each must be a regular file whose real path is inside the folder,
+    reached through no symbolic link: links (to anywhere) and paths leaving the folder are refused."""
+    folder = Path(folder)
+    candidates = [adapter_in(folder)[0].name, CARD_NAME]
+    samples = folder / "samples"
+    if samples.is_dir():
+        candidates += [f"samples/{p.name}" for p in sorted(samples.iterdir())
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if include_lora_export:
+        candidates.append(DIFFUSERS_WEIGHT_NAME)
+    files, refused = [], []
+    for name in dict.fromkeys(candidates):
+        why = _inside_regular_file(folder, name)
+        if why is None:
+            files.append(name)
+        elif why != "missing":
+            refused.append((name, why))
+    return files, refused
+
+
+def adapter_in(folder: Path) -> tuple[Path, str]:
+    """(file, kind) of the adapter a training output folder holds: the GraLoRA file, else the
+    `--adapter lora` baseline's diffusers LoRA file. Checked before anything is sent: a folder with
+    neither, or a broken file, is refused naming it."""
+    from .any_adapter import LORA, safetensors_kind
+
+    lora = folder / DIFFUSERS_WEIGHT_NAME
+    if not (folder / WEIGHT_NAME).is_file() and lora.is_file():
+        if safetensors_kind(lora) != LORA:
+            raise AdapterFileError(f"{lora}: not a LoRA safetensors file (no lora_A/lora_B keys could be read); "
+                                   "give the --output_dir of a training run.")
+        return lora, "lora"
+    read_adapter_file(folder / WEIGHT_NAME)  # names the problem: no such file, damaged, ...
+    return folder / WEIGHT_NAME, "gralora"
 
 
 def files_to_push(folder, include_lora_export: bool = False) -> list[str]:
-    """The exact files a push uploads, relative to `folder`: adapter, card, the images the card shows,
-    the images directly in `samples/`, and the LoRA export when asked. Nothing else, at any depth."""
-    folder = Path(folder)
-    files = [WEIGHT_NAME, CARD_NAME] + _card_images(folder)
-    samples = folder / "samples"
-    if samples.is_dir():
-        files += [f"samples/{p.name}" for p in sorted(samples.iterdir())
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
-    if include_lora_export:
-        files.append(DIFFUSERS_WEIGHT_NAME)
-    return list(dict.fromkeys(files))
+    """The exact files a push uploads, relative to `folder`: adapter, card, the regular images directly
+    in `samples/`, and the LoRA export when asked; never a link nor a file outside the folder."""
+    return push_plan(folder, include_lora_export)[0]
+
+
+_MD_SPECIAL = re.compile(r"([\\`\[\]()<!|])")  # what makes links, images, HTML, code or table cells
+
+
+def md(text) -> str:
+    """User text (a prompt, an id, a path) as literal Markdown: the characters that make links, images,
+    HTML, code spans or table cells escaped, line breaks made spaces; `![x](photos/me.png)` shows as
+    text and links to nothing."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _fence(code: str) -> str:
+    """A code fence longer than any run of backticks in `code`, so no text can close it early."""
+    longest = max((len(run) for run in re.findall(r"`+", code)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def _table(rows: dict) -> str:
     lines = ["| setting | value |", "| --- | --- |"]
-    lines += [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in rows.items()]
+    lines += [f"| {k} | {md(json.dumps(v) if isinstance(v, (dict, list)) else v)} |" for k, v in rows.items()]
     return "\n".join(lines)
 
 
@@ -88,18 +142,24 @@ def save_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    source = folder / WEIGHT_NAME
-    adapter = read_adapter_file(source)
+    source, kind = adapter_in(folder)
     info = adapter_info(source)
-    base_model = base_model or adapter.base_model
-    instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
-    if training is None and adapter.metadata.get("training"):
-        training = json.loads(adapter.metadata["training"])
+    if kind == "gralora":
+        adapter = read_adapter_file(source)
+        base_model = base_model or adapter.base_model
+        instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
+        if training is None and adapter.metadata.get("training"):
+            training = json.loads(adapter.metadata["training"])
+    else:
+        base_model = base_model or info["base_model"]
     images = _sample_images(folder) if images is None else [Path(i).as_posix() for i in images]
     if grid is None:
         grid = next((i for i in images if "grid" in Path(i).name), None)
     samples = [i for i in images if i != grid]
-    prompts = prompts or [instance_prompt or ""] * len(samples)
+    # prompts as CLIP's tokenizer reads them (whitespace runs are one space): no line of the YAML front
+    # matter can then read `---` and end it early
+    instance_prompt = " ".join(instance_prompt.split()) if instance_prompt else instance_prompt
+    prompts = [" ".join(str(p).split()) for p in prompts] if prompts else [instance_prompt or ""] * len(samples)
     if len(prompts) != len(samples):
         raise HubError(f"{len(prompts)} prompts for {len(samples)} sample images; give one prompt per image.")
     name = repo_id or folder.resolve().name
@@ -109,12 +169,15 @@ def save_model_card(
         base_model=base_model,
         library_name="diffusers",
         license=license,
-        tags=TAGS,
+        tags=TAGS if kind == "gralora" else LORA_TAGS,
         instance_prompt=instance_prompt,
         widget=[{"text": p, "output": {"url": i}} for p, i in zip(prompts, samples)] or None,
     )
-    body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
-                      info["components"].get("unet", {}).get("k", "k"))
+    if kind == "gralora":
+        body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
+                          info["components"].get("unet", {}).get("k", "k"))
+    else:
+        body = _lora_card_body(name, where, base_model, instance_prompt, grid, info, training)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = folder / CARD_NAME
     atomic_write(path, lambda tmp: card.save(tmp))
@@ -143,46 +206,97 @@ def _card_body(name, where, base_model, instance_prompt, grid, adapter_rows: dic
     base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
     # Any prompt or path makes valid code: json.dumps is a valid Python string literal; shlex.quote for the shell.
     py_base, py_where, py_prompt, sh_where = json.dumps(base), json.dumps(where), json.dumps(prompt), shlex.quote(where)
-    trigger = f" Trigger prompt: `{instance_prompt}`." if instance_prompt else ""
-    parts = [f"""
-# {name}
-
-A [GraLoRA](https://arxiv.org/abs/2505.20355) adapter for `{base}`, made with gralora-diffusion.{trigger}
-GraLoRA splits each adapted weight into a {k}×{k} grid of blocks, each with its own low-rank adapter:
-the parameters of LoRA rank r, an update of rank up to k·r.
-"""]
-    if grid:
-        parts.append(f"\n![samples]({grid})\n")
-    parts.append(f"""
-## Use with diffusers
-
-```python
-import torch
+    # Any prompt, id or path is shown as literal text (md): no link, image or HTML can come from it.
+    trigger = f" Trigger prompt: {md(instance_prompt)}." if instance_prompt else ""
+    py_code = f"""import torch
 from diffusers import StableDiffusionXLPipeline
 import gralora_diffusion as gd
 
 pipe = StableDiffusionXLPipeline.from_pretrained({py_base}, torch_dtype=torch.float16).to("cuda")
 gd.patch_pipeline(pipe)
 pipe.load_gralora_weights({py_where})
-image = pipe({py_prompt}, cross_attention_kwargs={{"scale": 1.0}}).images[0]
-```
+image = pipe({py_prompt}, cross_attention_kwargs={{"scale": 1.0}}).images[0]"""
+    sh_code = f"""gralora-diffusion export-lora {sh_where} lora.safetensors                    # diffusers keys, exact
+gralora-diffusion export-lora {sh_where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
+gralora-diffusion export-lora {sh_where} lora_r16.safetensors --rank 16          # smaller, SVD-truncated"""
+    py_fence, sh_fence = _fence(py_code), _fence(sh_code)
+    parts = [f"""
+# {md(name)}
+
+A [GraLoRA](https://arxiv.org/abs/2505.20355) adapter for {md(base)}, made with gralora-diffusion.{trigger}
+GraLoRA splits each adapted weight into a {k}×{k} grid of blocks, each with its own low-rank adapter:
+the parameters of LoRA rank r, an update of rank up to k·r.
+"""]
+    if grid:  # a path the card generator chose (samples/...), percent-encoded: never markup
+        parts.append(f"\n![samples]({urllib.parse.quote(Path(grid).as_posix())})\n")
+    parts.append(f"""
+## Use with diffusers
+
+{py_fence}python
+{py_code}
+{py_fence}
 
 ## Export to plain LoRA (ComfyUI, A1111, stock diffusers)
 
 A GraLoRA update is exactly a LoRA of rank k·r + hybrid_r, so this export loses nothing:
 
-```bash
-gralora-diffusion export-lora {sh_where} lora.safetensors                    # diffusers keys, exact
-gralora-diffusion export-lora {sh_where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
-gralora-diffusion export-lora {sh_where} lora_r16.safetensors --rank 16          # smaller, SVD-truncated
-```
+{sh_fence}bash
+{sh_code}
+{sh_fence}
 
 Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include-lora-export`), stock
-diffusers loads it directly: `pipe.load_lora_weights({py_where})`.
+diffusers loads it directly with `pipe.load_lora_weights(...)` and the repository id above.
 
 ## Adapter
 
 {_table(adapter_rows)}
+""")
+    if training:
+        parts.append(f"\n## Training settings\n\n{_table(training)}\n")
+    return "".join(parts)
+
+
+def _lora_card_body(name, where, base_model, instance_prompt, grid, info: dict, training) -> str:
+    """The card of the `--adapter lora` baseline: a plain diffusers LoRA, loaded by stock diffusers.
+    User text goes in as `_card_body` puts it: code through json.dumps/shlex.quote, prose through md."""
+    base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    py_base, py_where, py_prompt = json.dumps(base), json.dumps(where), json.dumps(instance_prompt or "a photo")
+    trigger = f" Trigger prompt: {md(instance_prompt)}." if instance_prompt else ""
+    rows = {f"{c} (r / alpha)": f"{v['rank']} / {v['alpha']}" for c, v in info["components"].items()}
+    rows.update({"targets": json.dumps({c: v["targets"] for c, v in info["components"].items()}),
+                 "parameters": f"{info['params']:,}",
+                 "file": f"{DIFFUSERS_WEIGHT_NAME} ({format_size(info['file_size'])}, {info['dtype']})"})
+    py_code = f"""import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained({py_base}, torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights({py_where})
+image = pipe({py_prompt}).images[0]"""
+    sh_code = f"gralora-diffusion export-lora {shlex.quote(where)} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys"
+    py_fence, sh_fence = _fence(py_code), _fence(sh_code)
+    parts = [f"""
+# {md(name)}
+
+A LoRA adapter for {md(base)} (the LoRA baseline of gralora-diffusion's trainer, `--adapter lora`).{trigger}
+"""]
+    if grid:  # a path the card generator chose (samples/...), percent-encoded: never markup
+        parts.append(f"\n![samples]({urllib.parse.quote(Path(grid).as_posix())})\n")
+    parts.append(f"""
+## Use with diffusers
+
+{py_fence}python
+{py_code}
+{py_fence}
+
+## Kohya keys (ComfyUI, A1111)
+
+{sh_fence}bash
+{sh_code}
+{sh_fence}
+
+## Adapter
+
+{_table(rows)}
 """)
     if training:
         parts.append(f"\n## Training settings\n\n{_table(training)}\n")
@@ -207,6 +321,22 @@ def _explain(err: Exception, repo_id: str) -> HubError | None:
     return HubError(f"{hint} Nothing was deleted locally. ({type(err).__name__}: {err})")
 
 
+def _check_essentials(folder: Path) -> None:
+    """The adapter and the card must themselves pass the push rule; a link there stops the push."""
+    for name in (WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, CARD_NAME):
+        why = _inside_regular_file(folder, name)
+        if why is not None and why != "missing":  # a missing adapter: read_adapter_file says what to do
+            raise HubError(f"{folder / name}: not uploaded ({why}); a push sends only regular files inside the "
+                           "folder. Replace it with the file itself. Nothing was sent.")
+
+
+def _say_refused(say, refused) -> None:
+    if refused:
+        say(f"Not uploaded ({len(refused)}: links and files outside the folder are never sent):")
+        for name, why in refused:
+            say(f"  {name}: {why}")
+
+
 def push_to_hub(
     folder,
     repo_id: str,
@@ -217,8 +347,8 @@ def push_to_hub(
     dry_run: bool = False,
     say=None,
 ):
-    """Create `repo_id` (if needed) and upload exactly `files_to_push(folder)`: the adapter, README.md,
-    the images the card shows and `samples/*` (plus `pytorch_lora_weights.safetensors`, the exact LoRA
+    """Create `repo_id` (if needed) and upload exactly `files_to_push(folder)`: the adapter, README.md
+    and `samples/*`, each a regular file inside the folder (plus `pytorch_lora_weights.safetensors`, the exact LoRA
     export, with include_lora_export). Writes a model card first when the folder has none. `say`
     (e.g. print) gets the list before anything is sent. Returns huggingface_hub's CommitInfo, or the
     list of files with dry_run (nothing is contacted or written then)."""
@@ -234,23 +364,28 @@ def push_to_hub(
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise AdapterFileError(f"{folder}: {what}; give the folder holding {WEIGHT_NAME} (a training --output_dir).")
-    read_adapter_file(folder / WEIGHT_NAME)  # refuse a folder without a valid adapter before any network call
+    _check_essentials(folder)
+    source, kind = adapter_in(folder)  # refuse a folder without a valid adapter before any network call
+    include_lora_export = include_lora_export and kind == "gralora"  # a LoRA baseline is its own LoRA file
     if dry_run:
-        files = files_to_push(folder, include_lora_export)
+        files, refused = push_plan(folder, include_lora_export)
         if say:
             say(f"Would upload {len(files)} files from {folder} to {repo_id} (dry run, nothing sent):")
             for name in files:
                 say(f"  {name}")
+            _say_refused(say, refused)
         return files
-    if not (folder / CARD_NAME).is_file():
+    if not (folder / CARD_NAME).exists():
         save_model_card(folder, repo_id=repo_id)
     if include_lora_export:
-        export_lora(folder / WEIGHT_NAME, folder / DIFFUSERS_WEIGHT_NAME)
-    files = files_to_push(folder, include_lora_export)
+        export_lora(source, folder / DIFFUSERS_WEIGHT_NAME)
+    _check_essentials(folder)
+    files, refused = push_plan(folder, include_lora_export)
     if say:
         say(f"Uploading {len(files)} files from {folder} to {repo_id}:")
         for name in files:
             say(f"  {name}")
+        _say_refused(say, refused)
     api = HfApi(token=token)  # made here, so it takes HF_ENDPOINT / HF_TOKEN as they are now
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -44,7 +44,7 @@ from .model_ops import (
     tuners_by_weight,
     unfuse_layer,
 )
-from .numbers import finite_number
+from .numbers import limited
 from .sources import resolve_adapter
 
 
@@ -204,7 +204,7 @@ class GraloraLoaderMixin:
         changed weight is kept while fused (set it False to save that memory; unfusing then subtracts,
         exact up to float rounding). `safe_fusing` checks every fused weight for NaN/Inf before any
         weight changes."""
-        finite_number(gralora_scale, "gralora_scale")
+        limited("scales", gralora_scale, "gralora_scale")
         models = self._gralora_components(components)
         if adapter_names is not None:
             adapter_names = self._check_gralora_names(adapter_names)
@@ -257,7 +257,7 @@ def check_adapter_weight(weight, what: str, components: list[str]) -> None:
     ({"down": ..., "mid": ..., "up": ...}) whose every number is finite. GraloraConfigError otherwise."""
     if not isinstance(weight, dict):
         if weight is not None:
-            finite_number(weight, what)
+            limited("weight", weight, what)
         return
     unknown = [key for key in weight if key not in components]
     if unknown:
@@ -266,7 +266,7 @@ def check_adapter_weight(weight, what: str, components: list[str]) -> None:
         if component == "unet":
             _check_leaves(value, f"{what}[{component!r}]")
         elif value is not None:
-            finite_number(value, f"{what}[{component!r}]")
+            limited("weight", value, f"{what}[{component!r}]")
 
 
 def _check_leaves(value, what: str) -> None:
@@ -277,7 +277,7 @@ def _check_leaves(value, what: str) -> None:
         for i, inner in enumerate(value):
             _check_leaves(inner, f"{what}[{i}]")
     elif value is not None:
-        finite_number(value, what)
+        limited("weight", value, what)
 
 
 # ---------------------------------------------------------------------------------------------

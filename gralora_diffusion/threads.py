@@ -21,14 +21,14 @@ def add_argument(parser) -> None:
 def choose_num_threads(requested: int | None = None) -> tuple[int, str]:
     """(threads, where the number came from): --num_threads, else OMP_NUM_THREADS, else the default."""
     if requested is not None:
-        if requested < 1:
-            raise GraloraConfigError(f"--num_threads {requested}: give 1 or more.")
-        return requested, "--num_threads"
+        from .numbers import limited
+
+        return limited("num_threads", requested, "--num_threads", GraloraConfigError), "--num_threads"
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env:
-        if env.isdigit() and int(env) >= 1:
+        if env.isdigit() and 1 <= int(env) <= 1024:
             return int(env), "OMP_NUM_THREADS"
-        raise GraloraConfigError(f"OMP_NUM_THREADS={env!r}: set it to a whole number of 1 or more, or unset it.")
+        raise GraloraConfigError(f"OMP_NUM_THREADS={env!r}: set it to a whole number in [1, 1024], or unset it.")
     return max(1, min(4, (os.cpu_count() or 2) // 2)), "default: half the cores, at most 4"
 
 

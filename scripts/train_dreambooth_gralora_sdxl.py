@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet optional-backend notices at import
 
 from gralora_diffusion import threads
-from gralora_diffusion.errors import GraloraError
+from gralora_diffusion.failures import expected_errors, one_line
 from gralora_diffusion.train import TrainConfig, train
 from gralora_diffusion.train.config import add_arguments
 
@@ -28,11 +28,13 @@ def main(argv=None) -> int:
     try:
         threads.set_num_threads(args.num_threads)  # said when the model starts to load, as in the CLI
         train(TrainConfig.from_args(args), command=f"accelerate launch {sys.argv[0]}")
-    except GraloraError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # train() has said where the last checkpoint is and how to resume
         return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's error edge (failures.py): one line and exit 2, or re-raised
+        if not isinstance(err, expected_errors()):
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -51,9 +51,9 @@ def fails(capsys, argv, after_load: bool = False) -> str:
 
 # (case id, argv builder, words the one line must contain)
 CASES = [
-    ("train-negative-steps", lambda f: train_args(f, "--max_train_steps", "-5"), ["--max_train_steps=-5", ">= 1"]),
-    ("train-rank-0", lambda f: train_args(f, "--rank", "0"), ["--rank=0", ">= 1"]),
-    ("train-negative-lr", lambda f: train_args(f, "--learning_rate", "-1"), ["--learning_rate", "> 0"]),
+    ("train-negative-steps", lambda f: train_args(f, "--max_train_steps", "-5"), ["--max_train_steps=-5", "must be in [1, 2147483647]"]),
+    ("train-rank-0", lambda f: train_args(f, "--rank", "0"), ["--rank=0", "must be in [1, 1024]"]),
+    ("train-negative-lr", lambda f: train_args(f, "--learning_rate", "-1"), ["--learning_rate", "must be in (0, 100]"]),
     ("train-data-dir-is-a-file", lambda f: train_args(f, "--instance_data_dir", str(f / "a_file.txt")),
      ["--instance_data_dir", "is a file"]),
     ("train-output-dir-is-a-file", lambda f: train_args(f, "--output_dir", str(f / "a_file.txt")), ["--output_dir", "is a file"]),

@@ -90,13 +90,25 @@ def test_parse_variants():
     assert parse_variant("gralora:r=32,k=4").name == "gralora_r32_k4"
     assert parse_variant("gralora:r=16,k=2,hybrid_r=8").name == "gralora_r16_k2_h8"
     assert dict(parse_variant("lora:r=32,lr=2e-4").settings) == {"adapter": "lora", "rank": 32, "learning_rate": 2e-4}
-    for bad, message in (("dora:r=8", "gralora: or lora:"), ("gralora:rank8", "KEY=VALUE"), ("gralora:r=x", "not a int"),
+    assert dict(parse_variant("dora:r=8").settings) == {"adapter": "lora", "use_dora": True, "rank": 8}
+    assert parse_variant("dora:r=8").name == "dora_r8"
+    for bad, message in (("loha:r=8", "gralora:, lora: or dora:"), ("dora:r=8,k=2", "GraLoRA settings"),
+                         ("gralora:rank8", "KEY=VALUE"), ("gralora:r=x", "not a int"),
                          ("lora:r=8,k=2", "GraLoRA settings")):
         with pytest.raises(GraloraConfigError, match=message):
             parse_variant(bad)
     with pytest.raises(GraloraConfigError, match="given twice"):
         parse_variants(["lora:r=8", "lora:r=8"])
     assert subject_of("a photo of sks teapot") == "sks teapot" and subject_of("An image of the sks dog") == "sks dog"
+
+
+def test_compare_runs_a_dora_variant(scorers, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["compare", *flags(out, scorers, steps=2), "--variants", "dora:r=8", "--num_threads", "1"]) == 0
+    entries = json.loads((out / "results.json").read_text())
+    assert [e["name"] for e in entries] == ["dora_r8"] and set(entries[0]["metrics"]) >= {"dino", "clip_i", "clip_t"}
+    settings = (out / "dora_r8" / "seed0" / "training_config.yaml").read_text()
+    assert "use_dora: true" in settings and "adapter: lora" in settings
 
 
 def test_validation_metrics_are_logged_to_tensorboard(scorers, tmp_path):

@@ -245,12 +245,18 @@ def test_bad_export_arguments_leave_nothing(adapter_file, tmp_path, kwargs, mess
     assert leftovers(tmp_path) == []
 
 
-def test_lora_file_as_source_is_refused(adapter_file, tmp_path):
+def test_lora_file_as_source_is_re_exported_and_kohya_sources_refused(adapter_file, tmp_path):
+    """A diffusers-layout LoRA (here our own export) re-exports to the same tensors; a kohya-keyed one
+    is refused, leaving nothing behind (test_lora_baseline.py covers the trainer's LoRA files)."""
     lora = export_lora(adapter_file, tmp_path / "lora.safetensors").path
+    again = export_lora(lora, tmp_path / "again.safetensors")
+    first, second = export_tensors(lora)[0], export_tensors(again.path)[0]
+    assert again.exact and first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    kohya = export_lora(adapter_file, tmp_path / "kohya.safetensors", format="kohya").path
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(gd.GraloraError, match="is a LoRA file, not a GraLoRA adapter"):
-        export_lora(lora, out / "again.safetensors")
+    with pytest.raises(gd.GraloraError, match="kohya keys already"):
+        export_lora(kohya, out / "again.safetensors", format="diffusers")
     assert leftovers(out) == []
 
 

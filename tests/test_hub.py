@@ -4,6 +4,7 @@ client against a loopback HTTP endpoint that answers the calls create_repo and u
 
 import base64
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -102,7 +103,8 @@ class FakeHub(BaseHTTPRequestHandler):
             return self._reply(200, {"url": f"{host}/{request['organization']}/{request['name']}"})
         if path == "/api/validate-yaml":  # the Hub checks README.md's front matter before the upload
             content = json.loads(data)["content"]
-            front = yaml.safe_load(content.split("---")[1]) if content.startswith("---\n") else None
+            block = re.match(r"---\n(.*?)\n---\n", content, re.S)  # the front matter, as the Hub finds it
+            front = yaml.safe_load(block.group(1)) if block else None
             ok = isinstance(front, dict) and front.get("library_name") == "diffusers"
             return self._reply(200 if ok else 400, {"warnings": []} if ok else {"errors": [{"message": "bad YAML"}]})
         if "/preupload/" in path:

@@ -294,7 +294,7 @@ def test_accelerate_script_takes_num_threads(tmp_path, capsys, no_model_load):
     base = ["--pretrained_model_name_or_path", "some/model", "--instance_data_dir", str(SAMPLES),
             "--instance_prompt", PROMPT, "--output_dir", str(tmp_path / "out")]
     assert script.main([*base, "--num_threads", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --num_threads 0: give 1 or more."
+    assert capsys.readouterr().err.strip() == "error: --num_threads=0: must be in [1, 1024]."
     try:
         assert script.main([*base, "--num_threads", "2", "--alpha", "nan"]) == 2  # chosen, then the settings refused
         assert torch.get_num_threads() == 2 and "--alpha=nan" in capsys.readouterr().err

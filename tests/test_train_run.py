@@ -115,7 +115,7 @@ def test_prior_preservation_generates_class_images_and_splits_the_batch(tmp_path
     assert sorted(p.name for p in classes.iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     kept, lost = (classes / "class-00000.png").read_bytes(), (classes / "class-00001.png").read_bytes()
     (classes / "class-00001.png").unlink()  # as if killed halfway; and one more image wanted
-    run(tmp_path, num_class_images=4, **common)
+    run(tmp_path, num_class_images=4, overwrite_output_dir=True, **common)  # the same folder again, on purpose
     assert sorted(p.name for p in classes.iterdir())[-1] == "class-00003.png" and len(list(classes.iterdir())) == 4
     assert (classes / "class-00000.png").read_bytes() == kept and (classes / "class-00001.png").read_bytes() == lost
     # every batch: instance half then class half, both in the loss

@@ -8,7 +8,7 @@ def add_arguments(parser):
 
     add_config_arguments(parser)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="KIND:KEY=VALUE,...",
-                        help="adapters to compare, e.g. gralora:r=32,k=2 gralora:r=16,k=2,hybrid_r=8 lora:r=32 "
+                        help="adapters to compare, e.g. gralora:r=32,k=2 gralora:r=16,k=2,hybrid_r=8 lora:r=32 dora:r=32 (PEFT's DoRA) "
                              f"(keys r, k, hybrid_r, alpha, dropout, lr, unet_targets; default {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--seeds_per_variant", type=int, default=1,
                         help="training runs per variant, seeds --seed, --seed + 1, ... (default 1; 3 or more for a spread)")

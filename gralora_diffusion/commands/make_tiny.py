@@ -4,18 +4,15 @@ HELP = "Write the embedded tiny SDXL (random weights; --world: the one pretraine
 
 
 def add_arguments(parser):
-    parser.add_argument("directory", type=Path, help="output folder (created)")
+    parser.add_argument("directory", type=Path, help="output folder: new, empty, or one make-tiny wrote before (anything else is refused)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     parser.add_argument("--world", action="store_true", help="write the world model (pretrained, shipped weights) instead")
 
 
 def run(args) -> int:
-    from ..errors import GraloraConfigError
     from ..tiny import save_tiny_sdxl
 
-    blocker = next((p for p in [args.directory, *args.directory.parents] if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise GraloraConfigError(f"{args.directory}: {blocker} exists and is not a folder; give a folder path.")
+    # save_tiny_sdxl / save_world_sdxl apply the output rule (outputs.claim_folder) before building anything
     if args.world:
         from ..world.model import save_world_sdxl
 

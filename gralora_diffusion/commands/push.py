@@ -4,7 +4,7 @@ HELP = "Upload an adapter folder (adapter, model card, sample images, optionally
 
 
 def add_arguments(parser):
-    parser.add_argument("folder", type=Path, help="folder holding pytorch_gralora_weights.safetensors (a training output_dir)")
+    parser.add_argument("folder", type=Path, help="a training output_dir: holding pytorch_gralora_weights.safetensors, or the --adapter lora baseline's pytorch_lora_weights.safetensors")
     parser.add_argument("repo_id", help="Hub repository, e.g. your-name/sks-teapot-gralora (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)")

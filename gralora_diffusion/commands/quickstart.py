@@ -17,6 +17,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..train import TrainConfig, train
+    from ..outputs import claim_folder
     from ..quiet import quiet_libraries
     from ..threads import announce
     from ..train.data import load_image, scan_images
@@ -36,8 +37,10 @@ def run(args) -> int:
         # DreamBooth's prior preservation: teapots drawn by the world model keep the class (and the rest) in place
         with_prior_preservation=True, class_prompt="a photo of a teapot", class_data_dir=str(out / "class_images"),
         num_class_images=16, sample_batch_size=16,
+        overwrite_output_dir=True,  # quickstart's own folder (claimed below): a rerun replaces the demo
     )
     cfg.validate(need_model=False)  # bad flags fail before anything is written
+    claim_folder(out, "quickstart", "--output_dir", protected=[args.instance_data_dir])  # the output rule: new, empty or ours
     instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt)
     announce()  # the CPU thread choice, once the arguments have passed
     print(f"1/4 Writing the tiny SDXL pretrained on the drawn world (shipped weights) to {base} ...")

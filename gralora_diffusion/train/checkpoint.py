@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..constants import PICKLE_SUFFIXES, STATE_NAME
 from ..errors import TrainConfigError
+from ..numbers import limited
 from .save import load_adapter_weights, save_adapter_weights
 
 OPTIMIZER_FILE, EMA_FILE = "optimizer.safetensors", "ema.safetensors"
@@ -40,7 +41,8 @@ def shaping_settings(cfg) -> dict:
             "hybrid_r": cfg.hybrid_r, "alpha": cfg.resolved_alpha, "unet_targets": cfg.unet_targets,
             "train_text_encoder": cfg.train_text_encoder,
             "text_encoder_targets": cfg.text_encoder_targets if cfg.train_text_encoder else None,
-            "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
+            "optimizer": cfg.optimizer, "use_ema": cfg.use_ema,
+            **({"use_dora": True} if cfg.use_dora else {})}  # only when on: older checkpoints, without the key, still resume
 
 
 # Settings a resumed run may change; each stretch of a run records them (training_config.yaml, card).
@@ -71,8 +73,15 @@ def check_checkpoint(folder: Path, cfg) -> dict:
                                "loaded (code could run). Resume only from checkpoints of safetensors and JSON, as this trainer writes.")
     try:
         state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or "settings" not in state:
-            raise ValueError("no global_step or settings")
+        if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
+            raise ValueError("no settings table")
+        limited("global_step", state.get("global_step"), "global_step", ValueError)  # the number rule: a C int >= 0
+        history = state.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) and isinstance(h.get("settings"), dict)
+                                                    and isinstance(h.get("from_step"), int) for h in history):
+            raise ValueError("history is not a list of {from_step, settings}")
+        if state.get("seed") is not None:
+            limited("seed", state["seed"], "seed", ValueError)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise _damaged(folder, STATE_NAME, str(err).splitlines()[0][:120]) from None
     differ = {k: (state["settings"].get(k), v) for k, v in shaping_settings(cfg).items() if state["settings"].get(k) != v}

@@ -19,10 +19,24 @@ from pathlib import Path
 
 from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
-from ..numbers import finite_number
+from ..choices import check_choices
+from ..numbers import check_numbers
+from ..outputs import check_train_output
 from ..adapter_config import default_alpha, make_config
 from ..sources import check_model_path  # re-exported: part of this module's public names
 from .select import SELECT_METRICS
+
+
+# PIL's resampling filters, by the names diffusers' --image_interpolation_mode takes (torchvision's
+# InterpolationMode: nearest_exact is PIL's nearest; torchvision's own "nearest" is a different rounding)
+INTERPOLATION_MODES = ("bilinear", "bicubic", "lanczos", "nearest", "nearest_exact", "box", "hamming")
+# diffusers' spellings of a setting we name otherwise: flag -> (field, value)
+FLAG_ALIASES = {"use_8bit_adam": ("optimizer", "adamw8bit")}
+# diffusers' flags we do not support, with what to do instead
+UNSUPPORTED_FLAGS = {
+    "do_edm_style_training": "EDM-style training (Playground v2.5 and other EDM bases) is not supported; "
+                             "train an SDXL-style (DDPM) base, or use diffusers' train_dreambooth_lora_sdxl.py.",
+}
 
 
 def _opt(help_text: str, **extra):
@@ -46,9 +60,13 @@ class TrainConfig:
     num_class_images: int = _opt("class images wanted for prior preservation", default=100)
     prior_loss_weight: float = _opt("weight of the prior-preservation loss", default=1.0)
     sample_batch_size: int = _opt("batch size when generating class images", default=4)
+    prior_generation_precision: str | None = _opt("dtype class images are generated in: fp32 (or no), fp16, bf16 "
+                                                  "(default: as training, --mixed_precision)", choices=("no", "fp32", "fp16", "bf16"))
     resolution: int = _opt("training resolution in pixels (square side, or pixel budget with buckets)", default=1024)
     center_crop: bool = _opt("center crop instead of random crop", default=False)
     random_flip: bool = _opt("flip images horizontally at random", default=False)
+    image_interpolation_mode: str = _opt("resampling filter when images are resized (diffusers' script defaults to lanczos)",
+                                         default="bilinear", choices=INTERPOLATION_MODES)
     aspect_buckets: str | None = _opt('aspect-ratio buckets: "auto", or "h,w;h,w;..." (diffusers\' parse_buckets_string)')
     dataloader_num_workers: int = _opt("data loading worker processes", default=0)
     # adapter
@@ -56,8 +74,10 @@ class TrainConfig:
     rank: int = _opt("adapter rank r (GraLoRA: k blocks of rank r/k each)", default=4)
     gralora_k: int = _opt("GraLoRA blocks per side (2 for r <= 32, 4 for r >= 64)", default=2)
     hybrid_r: int = _opt("rank of GraLoRA's extra plain-LoRA branch", default=0)
-    alpha: float | None = _opt("scaling numerator; default 2 * rank (scaling = alpha / (rank + hybrid_r))")
+    alpha: float | None = _opt("scaling numerator; default 2 * rank (scaling = alpha / (rank + hybrid_r)), for "
+                               "--adapter lora too; diffusers' LoRA script uses alpha = rank: pass --alpha RANK to match it")
     dropout: float = _opt("adapter dropout", default=0.0)
+    use_dora: bool = _opt("with --adapter lora: PEFT's DoRA (weight-decomposed LoRA) instead of plain LoRA", default=False)
     unet_targets: str = _opt("UNet targets: preset attn | attn+ff, comma-separated module names, or a regex", default="attn")
     text_encoder_targets: str = _opt("text-encoder targets with --train_text_encoder: attn | attn+mlp | names | regex", default="attn")
     train_text_encoder: bool = _opt("also train adapters on both text encoders", default=False)
@@ -73,11 +93,18 @@ class TrainConfig:
     lr_warmup_steps: int = _opt("warm-up updates", default=0)
     lr_num_cycles: int = _opt("cycles of cosine_with_restarts", default=1)
     lr_power: float = _opt("power of the polynomial scheduler", default=1.0)
-    optimizer: str = _opt("optimizer", default="adamw", choices=("adamw", "adamw8bit", "prodigy"))
+    optimizer: str = _opt("optimizer, any case (diffusers' AdamW too); --use_8bit_adam means adamw8bit", default="adamw",
+                          choices=("adamw", "adamw8bit", "prodigy"))
     adam_beta1: float = _opt("Adam beta1", default=0.9)
     adam_beta2: float = _opt("Adam beta2", default=0.999)
     adam_weight_decay: float = _opt("weight decay", default=1e-4)
+    adam_weight_decay_text_encoder: float | None = _opt("weight decay of the text-encoder adapters (default: --adam_weight_decay; "
+                                                        "diffusers' script defaults to 1e-3)")
     adam_epsilon: float = _opt("Adam epsilon", default=1e-8)
+    prodigy_beta3: float | None = _opt("Prodigy's beta3 (default: sqrt(beta2), Prodigy's own)")
+    prodigy_decouple: bool = _opt("Prodigy: AdamW-style decoupled weight decay", default=True)
+    prodigy_use_bias_correction: bool = _opt("Prodigy: Adam's bias correction", default=True)
+    prodigy_safeguard_warmup: bool = _opt("Prodigy: keep the learning rate out of the D estimate's denominator during warm-up", default=True)
     max_grad_norm: float = _opt("gradient clipping norm (0 = off)", default=1.0)
     snr_gamma: float | None = _opt("Min-SNR weighting gamma (5.0 recommended); off by default")
     noise_offset: float = _opt("noise offset", default=0.0)
@@ -89,19 +116,24 @@ class TrainConfig:
     cache_latents: bool = _opt("encode each training image once and reuse the VAE latents", default=False)
     cache_text_embeddings: bool = _opt("encode each prompt once when the text encoders are frozen", default=True)
     allow_tf32: bool = _opt("allow TF32 matmuls on Ampere+ GPUs", default=False)
+    enable_xformers_memory_efficient_attention: bool = _opt("xformers attention in the UNet (needs xformers; PyTorch's "
+                                                            "default attention is memory-efficient already)", default=False)
     # validation and outputs
     validation_prompt: str | None = _opt('prompt(s) for sample images; several separated by " | "')
     num_validation_images: int = _opt("images per validation prompt", default=4)
     validation_steps: int | None = _opt("sample every N updates (always at the end)")
+    validation_epochs: int | None = _opt("sample after every N epochs (always at the end)")
     num_inference_steps: int = _opt("denoising steps for sample and class images", default=25)
     checkpointing_steps: int = _opt("save a resumable checkpoint every N updates", default=500)
     checkpoints_total_limit: int | None = _opt("keep at most N checkpoints")
     resume_from_checkpoint: str | None = _opt('a checkpoint folder, or "latest" in --output_dir')
     output_dir: str = _opt("where everything is written", default="gralora-dreambooth-model")
+    overwrite_output_dir: bool = _opt("train again into an --output_dir that holds a finished run (else refused)", default=False)
     seed: int | None = _opt("seed for a reproducible run")
-    push_to_hub: bool = _opt("upload the adapter, model card and samples to the Hub when done (GraLoRA only)", default=False)
+    push_to_hub: bool = _opt("upload the adapter, model card and samples to the Hub when done", default=False)
     hub_model_id: str | None = _opt("Hub repository for --push_to_hub (default: the --output_dir folder name)")
     save_precision: str = _opt("dtype of the final adapter file (checkpoints stay fp32)", default="fp32", choices=("fp32", "fp16", "bf16"))
+    output_kohya_format: bool = _opt("also write the adapter as a kohya-keyed LoRA, lora_kohya.safetensors (ComfyUI, A1111)", default=False)
     report_to: str | None = _opt("tensorboard | wandb | none (default: tensorboard when the package is installed, else none)")
     logging_dir: str = _opt("TensorBoard log folder, relative to --output_dir", default="logs")
     # metrics (train --validation_metrics, and compare's evaluation)
@@ -130,6 +162,12 @@ class TrainConfig:
         clean = {}
         for key, value in data.items():
             key = key.replace("-", "_")
+            if key in FLAG_ALIASES:  # diffusers' spelling, e.g. use_8bit_adam: true -> optimizer: adamw8bit
+                if value:
+                    clean[FLAG_ALIASES[key][0]] = FLAG_ALIASES[key][1]
+                continue
+            if key in UNSUPPORTED_FLAGS:
+                raise TrainConfigError(f"{source}: {key}: {UNSUPPORTED_FLAGS[key]}")
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=3)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -183,6 +221,7 @@ class TrainConfig:
     def validate(self, need_model: bool = True) -> "TrainConfig":
         self._check_types()
         self._check_finite_numbers()
+        check_choices(self.to_dict(), TrainConfigError)  # library lists (LR schedulers), before any model loads
         if self.report_to is None:  # what is installed: a fresh install has no tensorboard
             self.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
             self._report_to_chosen = True
@@ -190,21 +229,6 @@ class TrainConfig:
             raise TrainConfigError("--pretrained_model_name_or_path is required (a Hub id or a local folder, e.g. from `gralora-diffusion make-tiny DIR`).")
         if not self.instance_data_dir:
             raise TrainConfigError("--instance_data_dir is required: the folder holding the images of your subject.")
-        for name in ("repeats", "num_class_images", "sample_batch_size", "train_batch_size", "gradient_accumulation_steps",
-                     "num_train_epochs", "num_validation_images", "num_inference_steps", "checkpointing_steps", "rank"):
-            if getattr(self, name) < 1:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 1.")
-        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 1 (or left out).")
-        for name in ("learning_rate", "text_encoder_lr"):
-            if getattr(self, name) <= 0:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be > 0.")
-        for name in ("prior_loss_weight", "noise_offset", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers", "image_cache_mb"):
-            if getattr(self, name) < 0:
-                raise TrainConfigError(f"--{name}={getattr(self, name)}: must be >= 0.")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise TrainConfigError(f"--snr_gamma={self.snr_gamma}: must be > 0 (5.0 is the usual value), or left out.")
         if self.resolution < 8 or self.resolution % 8:
             raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
@@ -218,8 +242,6 @@ class TrainConfig:
             raise TrainConfigError("--early_stop_patience watches the --select_best score: give --select_best too.")
         if self.early_stop_patience is not None and self.early_stop_patience < 1:
             raise TrainConfigError(f"--early_stop_patience={self.early_stop_patience}: must be >= 1 (or left out).")
-        if self.push_to_hub and self.adapter != "gralora":
-            raise TrainConfigError("--push_to_hub uploads GraLoRA adapters; the --adapter lora baseline stays local.")
         if self.push_to_hub or self.hub_model_id:
             self._check_hub_repo_id()
         if self.aspect_buckets:
@@ -232,6 +254,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
                 raise TrainConfigError(f"--{name} {value}: is a file, not a folder. Give a folder path (it is created if missing).")
+        check_train_output(self, TrainConfigError)  # the output rule (outputs.py): folders apart, no finished run replaced
         self._check_targets()
         self._check_adapter()
         self._check_packages()
@@ -279,16 +302,17 @@ class TrainConfig:
             if not isinstance(value, base) or (base is int and isinstance(value, bool)):
                 raise TrainConfigError(f"{f.name}={value!r}: expected {base.__name__}.")
             choices = f.metadata.get("choices")
+            if choices and isinstance(value, str) and value.lower() in choices:  # diffusers writes AdamW
+                value = value.lower()
+                setattr(self, f.name, value)
             if choices and value not in choices:
                 raise TrainConfigError(f"--{f.name}={value!r}: choose one of {', '.join(choices)}.")
 
     def _check_finite_numbers(self) -> None:
-        """Every float setting through the package's one number rule (`numbers.finite_number`):
-        argparse's float() and TOML/YAML files all accept nan and inf."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float):
-                finite_number(value, f"--{f.name}", TrainConfigError)
+        """Every number setting through the package's one number rule (`numbers`): finite, and inside
+        its stated range (`numbers.LIMITS`; others: float32 / C int). argparse's float() and TOML/YAML
+        files all accept nan, inf and 2**64."""
+        check_numbers(self.to_dict(), TrainConfigError)
 
     def _check_hub_repo_id(self) -> None:
         """Before training, not after it: the push is the run's last step."""
@@ -323,6 +347,8 @@ class TrainConfig:
     def _check_adapter(self) -> None:
         if self.adapter == "lora" and self.hybrid_r:
             raise TrainConfigError("--hybrid_r is a GraLoRA option; leave it at 0 with --adapter lora.")
+        if self.use_dora and self.adapter != "lora":
+            raise TrainConfigError("--use_dora trains PEFT's DoRA as the LoRA baseline: add --adapter lora (GraLoRA has no DoRA variant).")
         try:
             k = self.gralora_k if self.adapter == "gralora" else 1
             make_config(r=self.rank, gralora_k=k, alpha=self.alpha, hybrid_r=self.hybrid_r, dropout=self.dropout)
@@ -331,6 +357,9 @@ class TrainConfig:
 
     def _check_packages(self) -> None:
         needed = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes"), "prodigy": ("prodigyopt", "pip install prodigyopt")}
+        if self.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+            raise TrainConfigError("--enable_xformers_memory_efficient_attention needs the xformers package (`pip install xformers`); "
+                                   "without the flag the UNet uses PyTorch's scaled_dot_product_attention, memory-efficient already.")
         if self.optimizer in needed:
             module, cmd = needed[self.optimizer]
             if importlib.util.find_spec(module) is None:
@@ -348,22 +377,26 @@ def read_config_file(path: Path) -> dict:
     """A .toml, .yaml/.yml or .json file holding {flag name: value}."""
     if not path.is_file():
         raise TrainConfigError(f"--config {path}: no such file.")
+    from ..settings_file import check_expansion, read_bounded
+
     suffix = path.suffix.lower()
     try:
+        text = read_bounded(path, TrainConfigError)  # size-bounded; YAML aliases bounded below
         if suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         elif suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         else:
             raise TrainConfigError(f"--config {path}: use a .toml, .yaml/.yml or .json file.")
+        check_expansion(data, path, TrainConfigError)
     except (ValueError, ImportError) as err:  # tomllib/yaml/json parse errors derive from ValueError (yaml: YAMLError)
         if isinstance(err, TrainConfigError):
             raise
@@ -385,6 +418,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     no "did you mean". The mapping itself is the 15 lines below."""
     hints = typing.get_type_hints(TrainConfig)
     parser.add_argument("--config", default=argparse.SUPPRESS, help="a .toml/.yaml/.json file of settings; flags override it")
+    for flag, (name, value) in FLAG_ALIASES.items():
+        parser.add_argument(f"--{flag}", dest=name, action="store_const", const=value, default=argparse.SUPPRESS,
+                            help=f"diffusers' spelling of --{name} {value}")
+    for flag, why in UNSUPPORTED_FLAGS.items():
+        parser.add_argument(f"--{flag}", action=_Unsupported, nargs=0, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         kind = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
         help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
@@ -395,4 +433,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = kind
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
+                kwargs["type"] = _lower  # diffusers' --optimizer AdamW, --mixed_precision BF16
         parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def _lower(value: str) -> str:
+    return value.lower()
+
+
+class _Unsupported(argparse.Action):
+    """A diffusers flag we do not support: one line saying so and what to do, exit 2."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {UNSUPPORTED_FLAGS[option_string.lstrip('-')]}")

@@ -16,16 +16,16 @@ import json
 import logging
 import math
 import random
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..constants import IMAGE_SUFFIXES
-from ..errors import TrainConfigError, UnreadableImageError
+from ..errors import ImageFileError, TrainConfigError, UnreadableImageError
+from ..images import UNREADABLE, image_size, read_image, to_rgb  # noqa: F401 - to_rgb: re-exported
 from .image_cache import ImageCache
 
 logger = logging.getLogger("gralora_diffusion.train")
@@ -40,43 +40,9 @@ class ImageRecord:
     size: tuple[int, int]  # (height, width) after EXIF rotation
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any mode: 16-bit and float scaled down, transparency flattened on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()  # decodes fully: truncated files raise here
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
-
-
-# orientations 5-8 turn the picture by 90 degrees (ImageOps.exif_transpose swaps width and height)
-_TRANSPOSED = {5, 6, 7, 8}
-_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError)
-
-
-def displayed_size(path: Path) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, from the file's header: no pixel is decoded."""
-    with Image.open(path) as image:  # parses the header only; refuses decompression bombs
-        width, height = image.size
-        # the base class's getexif reads what the header gave (PNG's own would decode the image
-        # to look for an eXIf chunk after the pixels)
-        orientation = Image.Image.getexif(image).get(0x0112, 1)
-        if image.format == "PNG":
-            image.verify()  # chunk CRCs and the end of the file, without decompressing
-    return (width, height) if orientation in _TRANSPOSED else (height, width)
+# The one image reader (gralora_diffusion.images): these names stay for the trainer's other callers.
+load_image, displayed_size = read_image, image_size
+_UNREADABLE = (*UNREADABLE, ImageFileError)
 
 
 def read_text(path: Path, what: str) -> str:
@@ -140,7 +106,8 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
         try:
             size = displayed_size(path)
         except _UNREADABLE as err:
-            logger.warning("warning: skipping %s: unreadable image (%s)", path, str(err).split("\n")[0])
+            logger.warning("warning: skipping %s", str(err).split("\n")[0] if isinstance(err, ImageFileError)
+                           else f"{path}: unreadable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
             continue
         caption = caption_for(path, captions, prompt)
         if not caption:
@@ -158,22 +125,45 @@ def scan_images(folder, prompt: str | None, what: str = "instance") -> list[Imag
     return records
 
 
+def epoch_items(instances: int, repeats: int, classes: int = 0) -> int:
+    """Items in an epoch: every instance image `repeats` times, and every class image at least once."""
+    return max(instances * repeats, classes)
+
+
+def count_images(folder: Path) -> int:
+    """Image files in `folder` (by suffix, hidden ones left out), none if it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def resample_filter(mode: str) -> Image.Resampling:
+    """PIL's filter for an --image_interpolation_mode name (torchvision's nearest_exact is PIL's nearest)."""
+    return Image.Resampling[{"nearest_exact": "nearest"}.get(mode, mode).upper()]
+
+
 def _item_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{index}")
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index)."""
+    """Items are addressed as (epoch, index): augmentation is a pure function of (seed, epoch, index).
+
+    An epoch covers max(instance images x repeats, class images) items, item i pairing instance
+    i mod (instances) with class image i mod (classes), as diffusers' DreamBooth dataset does: so
+    every class image is trained on once per epoch, not only the first len(instances) of them."""
 
     def __init__(self, instances, resolution, center_crop=False, random_flip=False, buckets=None, repeats=1, seed=0, classes=None,
-                 image_cache_mb=0):
+                 image_cache_mb=0, interpolation="bilinear"):
         self.instances, self.classes = list(instances), list(classes or [])
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.buckets, self.repeats, self.seed = buckets, repeats, seed
         self.cache = ImageCache(image_cache_mb)  # decoded, resized images by (path, target size)
+        self.resample = resample_filter(interpolation)
 
     def __len__(self) -> int:
-        return len(self.instances) * self.repeats
+        return epoch_items(len(self.instances), self.repeats, len(self.classes))
 
     def target_size(self, index: int) -> tuple[int, int]:
         if not self.buckets:
@@ -193,7 +183,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return example
 
     def _example(self, record: ImageRecord, target: tuple[int, int], rng: random.Random) -> dict:
-        resized, original = self.cache.get((record.path, target), lambda: self.decode(record, target))
+        resized, original = self.cache.get((record.path, target), lambda: self.decode(record, target, self.resample))
         (th, tw), (height, width) = target, resized.shape[:2]
         if self.center_crop:
             top, left = (height - th) // 2, (width - tw) // 2
@@ -213,22 +203,21 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         }
 
     @staticmethod
-    def decode(record: ImageRecord, target: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    def decode(record: ImageRecord, target: tuple[int, int], resample=Image.Resampling.BILINEAR) -> tuple[np.ndarray, tuple[int, int]]:
         """The image as uint8 [height, width, 3], resized (small ones upscaled) to cover `target`,
         and its (height, width) as decoded: the part of an item that is the same at every step."""
         try:
             image = load_image(record.path)
         except _UNREADABLE as err:
-            raise UnreadableImageError(
-                f"{record.path}: cannot decode the image ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
-                "Remove or replace it."
-            ) from None
+            raise UnreadableImageError(str(err) if isinstance(err, ImageFileError) else
+                                       f"{record.path}: cannot decode the image ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
+                                       "Remove or replace it.") from None
         original = (image.height, image.width)
         th, tw = target
         scale = max(th / image.height, tw / image.width)  # cover the target; small images are upscaled
         size = (max(tw, math.ceil(image.width * scale - 1e-6)), max(th, math.ceil(image.height * scale - 1e-6)))
         if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
+            image = image.resize(size, resample)
         return np.asarray(image, dtype=np.uint8), original
 
 
@@ -285,8 +274,7 @@ def ensure_class_images(folder, prompt: str, count: int, generate, batch_size: i
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    missing = count - existing
+    missing = count - count_images(folder)
     if missing <= 0:
         return 0
     todo, i = [], 0

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from ..errors import TrainConfigError
+from ..numbers import whole_number
 
 LOCK_NAME = ".lock"
 
@@ -32,8 +33,8 @@ def _holder(path: Path) -> dict | None:
     """The lock's {pid, host}, or None when it is stale (dead pid on this host, or unreadable)."""
     try:
         holder = json.loads(path.read_text())
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except (OSError, ValueError, KeyError, TypeError):
+        pid, host = whole_number(holder["pid"], "pid", ValueError, low=1), str(holder["host"])
+    except (OSError, ValueError, KeyError, TypeError):  # pid: a C int (os.kill overflows on 2**40)
         return None
     if host == socket.gethostname() and not _alive(pid):
         return None
@@ -46,11 +47,13 @@ def output_dir_lock(output_dir, enabled: bool = True):
     if not enabled:
         yield
         return
+    from ..atomic import write_error
+
     path = Path(output_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
     for _ in range(2):
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(path)
@@ -61,8 +64,14 @@ def output_dir_lock(output_dir, enabled: bool = True):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # a killed run's lock
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(mine)
+        except OSError as err:  # read-only folder, no permission, a name too long
+            raise write_error(path, err) from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(mine)
+        except OSError as err:  # disk full: no empty lock is left behind
+            path.unlink(missing_ok=True)
+            raise write_error(path, err) from None
         break
     else:
         raise TrainConfigError(f"--output_dir {output_dir}: could not take {path}; another run is starting there.")

@@ -20,9 +20,10 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..constants import KOHYA_WEIGHT_NAME
 from ..errors import TrainingError, UnreadableImageError
 from .config import TrainConfig
-from .data import DreamBoothDataset, EpochBatches, collate, ensure_class_images, logger, scan_images
+from .data import DreamBoothDataset, EpochBatches, collate, count_images, ensure_class_images, logger, scan_images
 from .checkpoint import check_checkpoint, load_training_state, run_history, save_training_state, shaping_settings
 from .lock import output_dir_lock
 from .loss import BatchLoss
@@ -144,6 +145,8 @@ def _train(cfg, instances, resume_from, resumed, pipeline, on_step) -> TrainResu
                     on_step(run.global_step, step_loss)
                 if run.done:
                     break
+            if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0 and not run.done:
+                sample(run, f"epoch-{epoch + 1}")
         return finish(run)
     except BaseException:
         if run is not None and run.progress is not None:
@@ -185,6 +188,8 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         out.mkdir(parents=True, exist_ok=True)
         for stale in [*out.glob(".tmp-checkpoint-*"), *out.glob(".old-checkpoint-*")]:  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
+    if cfg.enable_xformers_memory_efficient_attention:
+        pipe.unet.enable_xformers_memory_efficient_attention()
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -201,7 +206,8 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
             if shown:
                 transformers_logging.enable_progress_bar()
     freeze_and_place(cfg, pipe, device, weight_dtype)
-    classes = class_images(cfg, accelerator, pipe)  # from the base model, before any adapter
+    with class_generation_precision(cfg, pipe, accelerator, weight_dtype) as autocast:
+        classes = class_images(cfg, accelerator, pipe, autocast, resume_from[1])  # from the base model, before any adapter
 
     set_seed(cfg.seed)  # the same initial adapter on every process
     components = add_adapters(cfg, pipe)
@@ -219,7 +225,8 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
     dataset = DreamBoothDataset(instances, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.bucket_list(),
                                 cfg.repeats, cfg.seed, classes,
                                 # worker processes get a fresh copy of the dataset every epoch: a cache there only costs memory
-                                image_cache_mb=cfg.image_cache_mb if cfg.dataloader_num_workers == 0 else 0)
+                                image_cache_mb=cfg.image_cache_mb if cfg.dataloader_num_workers == 0 else 0,
+                                interpolation=cfg.image_interpolation_mode)
     batches = EpochBatches(dataset, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
     run = make_run(cfg, accelerator, pipe, components, params, dataset, batches)
     run.batch_loss = BatchLoss(cfg, pipe, run.wrapped["unet"], (run.wrapped.get("text_encoder", pipe.text_encoder),
@@ -241,19 +248,63 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
     return run
 
 
-def class_images(cfg: TrainConfig, accelerator, pipe):
+def class_image_count(cfg: TrainConfig, num_processes: int, existing: int, resumed: dict | None = None) -> int:
+    """How many class images the run trains on. A resumed run: the checkpoint's count, so its epochs
+    are the ones the interrupted run had. Else --num_class_images, but with --max_train_steps no more
+    than the run's updates can reach (one class image per instance image of every batch), unless the
+    folder already holds them: images are generated only to be trained on."""
+    if resumed and resumed.get("class_images"):
+        return resumed["class_images"]
+    if not cfg.max_train_steps:
+        return cfg.num_class_images
+    reach = cfg.max_train_steps * cfg.train_batch_size * cfg.gradient_accumulation_steps * num_processes
+    return min(cfg.num_class_images, max(existing, reach))
+
+
+@contextlib.contextmanager
+def class_generation_precision(cfg: TrainConfig, pipe, accelerator, weight_dtype):
+    """The autocast class images are drawn under: --prior_generation_precision fp16/bf16 autocasts to
+    it, fp32 (or no) draws in fp32 (UNet and text encoders put in fp32 meanwhile, if training keeps
+    them in a half dtype); unset, the training's own mixed precision."""
+    from .model import place
+
+    mode = cfg.prior_generation_precision
+    if mode is None:
+        yield accelerator.autocast
+        return
+    if mode in ("fp16", "bf16"):
+        dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+        yield lambda: torch.autocast(accelerator.device.type, dtype=dtype)
+        return
+    models = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    for model in models:
+        place(model, accelerator.device, torch.float32)
+    try:
+        yield contextlib.nullcontext
+    finally:
+        for model in models:
+            place(model, accelerator.device, weight_dtype)
+
+
+def class_images(cfg: TrainConfig, accelerator, pipe, autocast=contextlib.nullcontext, resumed: dict | None = None):
     """The class images for prior preservation, the missing ones generated by the main process."""
     if not cfg.with_prior_preservation:
         return None
+    count = class_image_count(cfg, accelerator.num_processes, count_images(cfg.class_data_dir), resumed)
     if accelerator.is_main_process:
         def generate(prompts, generators):
-            return generate_images(pipe, prompts, generators, cfg.resolution, cfg.num_inference_steps, accelerator.autocast)
+            return generate_images(pipe, prompts, generators, cfg.resolution, cfg.num_inference_steps, autocast)
 
-        ensure_class_images(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, generate,
+        ensure_class_images(cfg.class_data_dir, cfg.class_prompt, count, generate,
                             cfg.sample_batch_size, cfg.seed, log=tqdm.write,
                             progress=lambda total: step_bar(total, "class images", unit="image", position=0))
     accelerator.wait_for_everyone()
-    return scan_images(cfg.class_data_dir, cfg.class_prompt, "class")[: cfg.num_class_images]
+    records = scan_images(cfg.class_data_dir, cfg.class_prompt, "class")[:count]
+    if accelerator.is_main_process:
+        why = (f" (of --num_class_images {cfg.num_class_images}: {cfg.max_train_steps} update(s) reach no more)"
+               if count < cfg.num_class_images and not (resumed and resumed.get("class_images")) else "")
+        tqdm.write(f"Prior preservation: training on {len(records)} class image(s) from {cfg.class_data_dir}{why}.")
+    return records
 
 
 def make_run(cfg, accelerator, pipe, components: dict, params: dict, dataset, batches) -> Run:
@@ -355,7 +406,8 @@ def update(run: Run) -> float:
 def checkpoint(run: Run) -> None:
     if not all_finite(run.params):
         raise TrainingError(f"the adapter weights became NaN/Inf at step {run.global_step}; last good checkpoint: {run.last_checkpoint or 'none'}.")
-    state = {"global_step": run.global_step, "seed": run.cfg.seed, "settings": shaping_settings(run.cfg), "history": run.history}
+    state = {"global_step": run.global_step, "seed": run.cfg.seed, "settings": shaping_settings(run.cfg), "history": run.history,
+             "class_images": len(run.dataset.classes)}  # a resumed run trains on as many (class_image_count)
     run.last_checkpoint = write_checkpoint(run.accelerator, run.out, run.global_step, lambda folder: save_training_state(run, folder),
                                            state, run.cfg.checkpoints_total_limit)
     run.say(f"step {run.global_step}: saved checkpoint {run.last_checkpoint}")
@@ -421,13 +473,17 @@ def finish(run: Run) -> TrainResult:
     if run.accelerator.is_main_process:
         weights_path = save_final_adapter(run.cfg, run.components, run.out, run.history)
         run.say(f"Saved the {run.cfg.adapter} adapter to {weights_path}")
+        if run.cfg.output_kohya_format:
+            from ..export import export_lora
+
+            kohya = export_lora(weights_path, run.out / KOHYA_WEIGHT_NAME, format="kohya")
+            run.say(f"Wrote kohya-format LoRA {kohya.path} (--output_kohya_format)")
         grid, images = sample(run, "final")
         if run.best is not None and run.best.best is not None:
             best = run.best.best
             run.say(f"Best step by {run.best.metric}: {best['step']} ({best['score']:.4f}); its adapter and every "
                     f"validation's score: {run.out / BEST_FOLDER}")
-        if run.cfg.adapter == "gralora":
-            share(run.cfg, run.out, grid, images, run.say, run.history)
+        share(run.cfg, run.out, grid, images, run.say, run.history)
     run.accelerator.wait_for_everyone()
     best = run.best.to_dict() if run.best is not None else None
     return TrainResult(run.out, weights_path, run.global_step, run.losses, run.components, run.pipe, grid, best)

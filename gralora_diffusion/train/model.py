@@ -61,7 +61,7 @@ def add_adapters(cfg, pipe) -> dict:
 
         presets = UNET_PRESETS if name == "unet" else TEXT_ENCODER_PRESETS
         try:
-            model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, lora_dropout=cfg.dropout,
+            model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
                                          init_lora_weights="gaussian", target_modules=resolve_targets(targets, presets)))
         except ValueError as err:  # PEFT: the targets match no module (NoMatchingPeftModuleError from 0.20)
             flag = "unet_targets" if name == "unet" else "text_encoder_targets"
@@ -75,17 +75,21 @@ def make_optimizer(cfg, groups: list[dict]):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    if cfg.optimizer == "prodigy":
+    if cfg.optimizer == "prodigy":  # with diffusers' defaults: decoupled decay, bias correction, safeguarded warm-up
         import prodigyopt
 
-        return prodigyopt.Prodigy(groups, **kwargs)
+        return prodigyopt.Prodigy(groups, **kwargs, beta3=cfg.prodigy_beta3, decouple=cfg.prodigy_decouple,
+                                  use_bias_correction=cfg.prodigy_use_bias_correction,
+                                  safeguard_warmup=cfg.prodigy_safeguard_warmup)
     return torch.optim.AdamW(groups, **kwargs)
 
 
 def param_groups(cfg, params: dict, num_processes: int) -> list[dict]:
-    """UNet adapters at --learning_rate, text-encoder adapters at --text_encoder_lr (x batch with --scale_lr)."""
+    """UNet adapters at --learning_rate, text-encoder adapters at --text_encoder_lr (x batch with --scale_lr)
+    and --adam_weight_decay_text_encoder when given."""
     scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes if cfg.scale_lr else 1
     groups = [{"params": params["unet"], "lr": cfg.learning_rate * scale}]
     if cfg.train_text_encoder:
-        groups.append({"params": params["text_encoder"] + params["text_encoder_2"], "lr": cfg.text_encoder_lr * scale})
+        decay = {} if cfg.adam_weight_decay_text_encoder is None else {"weight_decay": cfg.adam_weight_decay_text_encoder}
+        groups.append({"params": params["text_encoder"] + params["text_encoder_2"], "lr": cfg.text_encoder_lr * scale, **decay})
     return groups

@@ -81,7 +81,8 @@ def share(cfg, out: Path, grid: Path | None, images: list[Path], say, history=No
 
     prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
     rel = [str(p.relative_to(out)) for p in images]
-    card = save_model_card(out, repo_id=cfg.hub_model_id, images=rel + ([str(grid.relative_to(out))] if grid else []),
+    card = save_model_card(out, repo_id=cfg.hub_model_id, base_model=cfg.pretrained_model_name_or_path,
+                           instance_prompt=cfg.instance_prompt, images=rel + ([str(grid.relative_to(out))] if grid else []),
                            prompts=prompts or None, training=training_summary(cfg, history),
                            grid=str(grid.relative_to(out)) if grid else None)
     say(f"Wrote the model card {card}")

@@ -78,6 +78,9 @@ def tiny_world_pipeline(device=None, dtype=None, weights_dir: str | Path = WEIGH
 
 def save_world_sdxl(directory: str | Path) -> Path:
     """Write the world model with `save_pretrained`, so every `--pretrained_model_name_or_path` path works on it."""
-    directory = Path(directory)
+    from ..outputs import claim_folder, mark_folder
+
+    directory = claim_folder(directory, "make-tiny", "directory", write=False)  # the output rule: new, empty or ours
     tiny_world_pipeline().save_pretrained(directory)
+    mark_folder(directory, "make-tiny")
     return directory
