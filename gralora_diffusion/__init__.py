@@ -44,6 +44,7 @@ _LAZY = {
     "evaluate_adapter": "evaluate",
     "EvaluationResult": "evaluate",
     "load_any_adapter": "any_adapter",
+    "per_image_adapters": "mixed_batch",
     "save_tiny_scorers": "tiny_scorers",
     "save_model_card": "hub",
 }

@@ -83,6 +83,15 @@ def split_module_key(key: str) -> tuple[str, str]:
     raise KeyError(key)
 
 
+def by_module(state_dict: dict) -> dict[str, dict]:
+    """{module: {suffix: tensor}} of a flat state dict keyed `<module>.<suffix>`."""
+    modules: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        module, suffix = split_module_key(key)
+        modules.setdefault(module, {})[suffix] = tensor
+    return modules
+
+
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, source: str, component: str) -> None:
     """Every tensor has the shape and dtype the config says, every module is complete, every value
     finite. `state_dict` may hold `TensorSpec`s (the header's shapes, read before any tensor)."""

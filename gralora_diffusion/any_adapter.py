@@ -86,33 +86,35 @@ def check_lora_file(path) -> None:
         raise AdapterFileError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:200]}).") from None
 
 
-def _load_lora(pipe, path: str, adapter_name: str) -> None:
+def _load_lora(pipe, path: str, adapter_name: str, hotswap: bool = False) -> None:
     if Path(path).is_file():
         check_lora_file(path)
     try:
-        pipe.load_lora_weights(path, adapter_name=adapter_name)
+        pipe.load_lora_weights(path, adapter_name=adapter_name, **({"hotswap": True} if hotswap else {}))
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AdapterFileError(f"{path}: diffusers' load_lora_weights cannot load this LoRA onto the pipeline "
                                f"({type(err).__name__}: {first[:300]}); is it for this base model?") from None
 
 
-def load_any_adapter(pipe, source, adapter_name: str) -> str:
+def load_any_adapter(pipe, source, adapter_name: str, hotswap: bool = False) -> str:
     """Load a GraLoRA or plain LoRA adapter from `source` as `adapter_name`; returns its kind
-    (GRALORA or LORA). `pipe` must carry the GraLoRA methods (`gd.patch_pipeline`)."""
+    (GRALORA or LORA). `pipe` must carry the GraLoRA methods (`gd.patch_pipeline`). `hotswap`: replace
+    the loaded adapter `adapter_name` in place (GraLoRA: `load_gralora_weights`; LoRA: diffusers' own
+    hotswap, UNet/transformer weights only, after `enable_gralora_hotswap` or diffusers' `enable_lora_hotswap`)."""
     kind, target = adapter_kind(source)
     if kind == GRALORA:
-        pipe.load_gralora_weights(target, adapter_name=adapter_name)
+        pipe.load_gralora_weights(target, adapter_name=adapter_name, hotswap=hotswap)
         return GRALORA
     if kind == LORA:
-        _load_lora(pipe, target, adapter_name)
+        _load_lora(pipe, target, adapter_name, hotswap)
         return LORA
     try:  # a Hub repo id: our file or PEFT layout first, then diffusers' LoRA file
-        pipe.load_gralora_weights(target, adapter_name=adapter_name)
+        pipe.load_gralora_weights(target, adapter_name=adapter_name, hotswap=hotswap)
         return GRALORA
     except AdapterFileError as gralora_error:
         try:
-            _load_lora(pipe, target, adapter_name)
+            _load_lora(pipe, target, adapter_name, hotswap)
         except AdapterFileError:
             raise gralora_error from None
         return LORA

@@ -326,10 +326,11 @@ def estimated_steps(cfg: TrainConfig) -> int:
     """For the progress bar: --max_train_steps, else the epochs' updates (without buckets' rounding)."""
     if cfg.max_train_steps:
         return cfg.max_train_steps
-    from .train.data import epoch_items, scan_images
+    from .train.data import epoch_items
+    from .train.hf_dataset import instance_records
 
     classes = cfg.num_class_images if cfg.with_prior_preservation else 0
-    items = epoch_items(len(scan_images(cfg.instance_data_dir, cfg.instance_prompt)), cfg.repeats, classes)
+    items = epoch_items(len(instance_records(cfg)), cfg.repeats, classes)
     batches = math.ceil(items / cfg.train_batch_size)
     return cfg.num_train_epochs * math.ceil(batches / cfg.gradient_accumulation_steps)
 
@@ -349,6 +350,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     from .generate import default_device_dtype, load_base_pipeline
     from .metrics import quiet_libraries
     from .outputs import claim_folder
+    from .train.hf_dataset import reference_images
 
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
     if not base:
@@ -376,7 +378,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     if not eval_seeds:
         raise GraloraConfigError("--eval_seeds: give at least one, e.g. 0,1.")
     dino, clip = cfg.metric_models
-    scorers = instance_scorers(cfg.instance_data_dir, cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
+    scorers = instance_scorers(reference_images(cfg), cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
     with quiet_libraries():
         pipe = load_base_pipeline(base)
     ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution)

@@ -21,6 +21,9 @@ GENERATE_OUTPUT_DIR = "generated"  # generate's default folder (never a training
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DreamBooth's DINO ViT-S/16
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
+# Instance images that fidelity metrics compare with when they come from a dataset (the first rows), at most.
+REFERENCE_IMAGES = 64
+
 # Suffixes of files we never unpickle, and of images we read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

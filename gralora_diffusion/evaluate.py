@@ -128,11 +128,11 @@ def build_scorers(instance_images, dino_model=DEFAULT_DINO_MODEL, clip_model=DEF
     return scorers
 
 
-def instance_scorers(instance_data_dir, instance_prompt, dino_model, clip_model, device=None, base_model=None) -> list:
-    """`build_scorers` for a training run: its instance images, the identifier read from its instance
-    prompt ('a photo of sks teapot' -> 'sks')."""
+def instance_scorers(instance_images, instance_prompt, dino_model, clip_model, device=None, base_model=None) -> list:
+    """`build_scorers` for a training run: its instance images (train.hf_dataset.reference_images), the
+    identifier read from its instance prompt ('a photo of sks teapot' -> 'sks')."""
     subject = subject_of(instance_prompt)
-    scorers = build_scorers(read_instance_images(instance_data_dir), dino_model, clip_model,
+    scorers = build_scorers(instance_images, dino_model, clip_model,
                             default_identifier(subject) if subject else None, device, base_model)
     if not scorers:
         raise GraloraConfigError(f"--dino_model and --clip_model are none and the base {base_model!r} has no scorers of "
@@ -248,7 +248,7 @@ def evaluate_adapter(
     _check_inputs(prompts, seeds, steps, resolution, guidance)
     if instance_images is None:
         if instance_data_dir is None and scorers is None:
-            raise GraloraConfigError("Give the instance images: --instance_data_dir FOLDER (the subject photos).")
+            raise GraloraConfigError("Give the instance images: --instance_data_dir FOLDER (the subject photos) or --dataset_name DATASET.")
         instance_images = read_instance_images(instance_data_dir) if instance_data_dir is not None else []
     check_adapter_paths([source for _, source in sources if isinstance(source, (str, Path))])
     inputs = [source for _, source in sources] + _instance_files(instance_data_dir)

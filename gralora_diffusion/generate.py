@@ -95,6 +95,42 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
+NO_ADAPTER = ("none", "base")  # a prompts file's adapter column: this prompt's images without adapter
+
+
+def prompt_adapters(prompts: list[str], adapters: list[str], pair_in_order: bool) -> tuple[list[str], list | None]:
+    """(prompts, per-prompt adapter index or None) for `--per_image_adapters` and a prompts file's adapter
+    column (`prompt<TAB>adapter`: its --adapter number from 1, its --adapter path as given, or none/base).
+    Without a column, `pair_in_order` pairs prompt i with adapter i. None: no per-image adapters."""
+    rows = [prompt.split("\t") for prompt in prompts]
+    if not any(len(row) > 1 for row in rows):
+        if not pair_in_order:
+            return prompts, None
+        if len(prompts) != len(adapters):
+            raise GraloraConfigError(f"--per_image_adapters pairs prompt i with --adapter i, but there are {len(prompts)} "
+                                     f"prompts and {len(adapters)} adapters; give as many, or an adapter column in --prompts-file.")
+        return prompts, list(range(len(adapters)))
+    paths = [parse_adapter(a)[0] for a in adapters]
+    out, chosen = [], []
+    for prompt, *ref in rows:
+        ref = ref[0].strip() if ref else ""
+        if len(ref.split("\t")) > 1 or not ref:
+            raise GraloraConfigError(f"prompt {prompt!r}: no adapter in its column; every line needs `prompt<TAB>adapter` "
+                                     f"(the --adapter number 1..{len(adapters)}, its path, or none) once one line has one.")
+        if ref.lower() in NO_ADAPTER:
+            index = None
+        elif ref.isdigit() and 1 <= int(ref) <= len(adapters):
+            index = int(ref) - 1
+        elif ref in paths:
+            index = paths.index(ref)
+        else:
+            raise GraloraConfigError(f"prompt {prompt!r}: adapter {ref!r} is not one of the --adapter options "
+                                     f"(numbers 1..{len(adapters)}: {paths}) nor none.")
+        out.append(prompt.strip())
+        chosen.append(index)
+    return out, chosen
+
+
 def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -278,12 +314,15 @@ def generate_samples(
     pipe=None,
     progress: bool = True,
     side_by_side: bool = False,
+    per_image_adapters: list | None = None,
 ) -> GenerateResult:
     """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
     generate every prompt x seed x scale, save each image and `grid.png` into `output_dir` (new, empty
     or written by generate before). `pipe`: an already loaded pipeline (with `patch_pipeline`) instead
     of `base_model`. `progress`: a loading line and a bar over the images (False: silent). `side_by_side`:
-    a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline."""
+    a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline.
+    `per_image_adapters`: per prompt, the index of its adapter in `adapters` (None: the base); all prompts of
+    a seed and scale then go in one batch, each image with its own GraLoRA adapter (`gralora_adapter_names`)."""
     from .any_adapter import LORA, load_any_adapter
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
 
@@ -292,12 +331,17 @@ def generate_samples(
         limited("weight", weight, f"--adapter {path}:weight")
     check_output_dir(output_dir)
     check_adapter_paths([path for path, _ in adapters])
+    if per_image_adapters is not None:
+        _check_per_image(per_image_adapters, prompts, adapters, fuse, side_by_side)
     if pipe is None:
         pipe = load_base_pipeline(base_model, device, dtype, say=print if progress else None)
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
     lora, weights = LORA in kinds, [float(w) for _, w in adapters]  # each checked by load_any_adapter's loader
+    if per_image_adapters is not None and lora:
+        raise GraloraConfigError(f"--per_image_adapters: {adapters[kinds.index(LORA)][0]} is a plain LoRA; per-image "
+                                 "adapters are GraLoRA adapters only.")
     output_dir = Path(output_dir)
     claim_folder(output_dir, "generate", "output_dir", own=OUR_IMAGE, write=False)  # again: it may have changed meanwhile
     _replace_earlier_images(output_dir, print if progress else None)
@@ -316,6 +360,17 @@ def generate_samples(
                 kwargs = _activate(pipe, active, active_weights, lora, scale, fuse)
             try:
                 for r, (prompt, seed) in enumerate(rows):
+                    if per_image_adapters is not None:  # a seed's prompts in one batch, made at its first prompt
+                        if r < len(seeds):
+                            made = _per_image_batch(pipe, prompts, [None if i is None else names[i] for i in per_image_adapters],
+                                                    seed, negative_prompt=negative_prompt, num_inference_steps=steps,
+                                                    guidance_scale=guidance, height=height, width=width, **kwargs)
+                            for p, image in enumerate(made):
+                                images[p * len(seeds) + r][c] = image
+                        save_image(images[r][c], result.images[r * len(columns) + c])
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     with quiet_known_noise():  # an fp16 VAE's upcast talks; a cut prompt still says so
                         images[r][c] = pipe(
                             prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
@@ -332,8 +387,31 @@ def generate_samples(
         if progress is True and bar is not None:
             bar.close()
     row_labels = [f"{prompt} (seed {seed})" for prompt, seed in rows]
+    if per_image_adapters is not None:
+        from .evaluate import adapter_label
+
+        label = ["base" if i is None else adapter_label(adapters[i][0]) for i in per_image_adapters]
+        row_labels = [f"{text} [{label[r // len(seeds)]}]" for r, text in enumerate(row_labels)]
     save_image(labelled_grid(images, row_labels, result.columns), result.grid)
     return result
+
+
+def _check_per_image(indices, prompts, adapters, fuse: bool, side_by_side: bool) -> None:
+    if fuse or side_by_side:
+        raise GraloraConfigError("--per_image_adapters gives each prompt its own adapter in one batch; it does not go "
+                                 f"with {'--fuse' if fuse else '--side-by-side'}.")
+    if len(indices) != len(prompts) or any(i is not None and not 0 <= i < len(adapters) for i in indices):
+        raise GraloraConfigError(f"per_image_adapters={indices}: one adapter index (0..{len(adapters) - 1}) or None per prompt.")
+
+
+def _per_image_batch(pipe, prompts, names, seed: int, **kwargs) -> list:
+    """One call for all prompts, image i with adapter names[i]; each image's latents from its own generator
+    seeded `seed`, so it is the image a call with its prompt alone would give."""
+    from .quiet import quiet_known_noise
+
+    with quiet_known_noise():
+        return pipe(list(prompts), generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in prompts],
+                    gralora_adapter_names=names, **kwargs).images
 
 
 def save_image(image: Image.Image, path) -> None:

@@ -10,6 +10,7 @@ upscaled to cover the training square) refused in one line. No torch import.
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -25,6 +26,22 @@ MAX_ASPECT = 16  # the long side at most 16 times the short one
 _TRANSPOSED = {5, 6, 7, 8}
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError,
               Image.DecompressionBombWarning, EOFError)
+
+
+class ImageBytes(io.BytesIO):
+    """An image held in memory (a 🤗 datasets row's bytes), read like a file; named in messages by
+    where it came from ("owner/name[train] row 12")."""
+
+    def __init__(self, data: bytes, where: str):
+        super().__init__(data)
+        self.where = where
+
+    def __str__(self) -> str:
+        return self.where
+
+
+def _source(path):
+    return path if isinstance(path, ImageBytes) else Path(path)
 
 
 def _first_line(err: BaseException) -> str:
@@ -55,7 +72,7 @@ def _opened(path: Path):
 def image_size(path) -> tuple[int, int]:
     """(height, width) after EXIF rotation, from the file's header: no pixel is decoded. A PNG's chunks
     are checked (CRC) too. Raises `ImageFileError` (one line naming the file) on anything unreadable."""
-    path = Path(path)
+    path = _source(path)
     with _opened(path) as image:
         try:
             width, height = image.size
@@ -87,7 +104,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def read_image(path) -> Image.Image:
     """The picture as the user sees it, as 8-bit RGB: EXIF-rotated, 16-bit scaled, alpha on white.
     Raises `ImageFileError` (one line naming the file) for anything unreadable, truncated or too large."""
-    path = Path(path)
+    path = _source(path)
     with _opened(path) as image:
         try:
             image.load()  # decodes fully: truncated files raise here

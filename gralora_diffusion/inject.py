@@ -42,12 +42,12 @@ def resolve_targets(targets, presets: dict[str, list[str]]) -> list[str] | str:
 def plain_modules(model: nn.Module):
     """(name, module) pairs, with adapter layers standing for their base layer and their
     own submodules (base_layer, gralora_A_general, …) left out."""
-    tuner_prefixes = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in tuner_prefixes):
+    inside = None  # the prefix of the adapter layer being skipped: named_modules walks depth-first, so its
+    for name, module in model.named_modules():  # submodules come right after it (linear, not modules x layers)
+        if not name or (inside is not None and name.startswith(inside)):
             continue
         if isinstance(module, BaseTunerLayer):
-            tuner_prefixes.append(name + ".")
+            inside = name + "."
             module = module.get_base_layer()
         yield name, module
 

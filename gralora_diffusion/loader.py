@@ -29,6 +29,7 @@ from .adapter_config import config_from_header
 from .adapter_file import collect_adapter, save_adapter_file
 from .constants import COMPONENTS, WEIGHT_NAME, torch_dtype
 from .errors import AdapterFileError, GraloraConfigError
+from .hotswap import fit_state_dict
 from .inject import check_adapter_name, existing_adapter_names
 from .model_ops import (
     check_fits,
@@ -36,6 +37,7 @@ from .model_ops import (
     fused_weight_is_finite,
     gralora_adapter_names,
     gralora_layers,
+    hotswap_plan,
     load_into_models,
     merged_adapter_names,
     offloading_paused,
@@ -53,7 +55,8 @@ class GraloraLoaderMixin:
     `text_encoder_2`. Mix into a pipeline class, or add to an object with `patch_pipeline`."""
 
     def _gralora_components(self, components=None) -> dict[str, nn.Module]:
-        present = {c: m for c in COMPONENTS if isinstance(m := getattr(self, c, None), nn.Module)}
+        present = {c: getattr(m, "_orig_mod", m) for c in COMPONENTS  # torch.compile's wrapper: the model inside
+                   if isinstance(m := getattr(self, c, None), nn.Module)}
         if components is None:
             return present
         components = [components] if isinstance(components, str) else list(components)
@@ -84,8 +87,11 @@ class GraloraLoaderMixin:
         return save_adapter_file(path, state_dicts, configs, base_model=base_model, metadata=metadata, dtype=dtype)
 
     def load_gralora_weights(self, pretrained_model_name_or_path_or_dict, weight_name: str | None = None,
-                             adapter_name: str | None = None, **kwargs) -> str:
+                             adapter_name: str | None = None, hotswap: bool = False, **kwargs) -> str:
         """Load a GraLoRA adapter; returns its name (auto: default_0, default_1, ... as diffusers names them).
+
+        `hotswap=True`: the adapter's tensors replace those of the loaded adapter `adapter_name` in place
+        (see `enable_gralora_hotswap`); what cannot be swapped is refused before anything changes.
 
         Input: an adapter file; a folder (its pytorch_gralora_weights.safetensors, `weight_name`, a PEFT
         `save_pretrained` layout, or its only .safetensors file); a Hub repo id (hf_hub_download with
@@ -96,6 +102,8 @@ class GraloraLoaderMixin:
         """
         adapter = resolve_adapter(pretrained_model_name_or_path_or_dict, weight_name, **kwargs)
         source = adapter.source
+        if hotswap:
+            return self._hotswap_gralora(adapter, adapter_name)
         if adapter_name is None:
             adapter_name = self._next_adapter_name()
         else:
@@ -114,12 +122,65 @@ class GraloraLoaderMixin:
             raise AdapterFileError(f"{source}: the adapter has weights for {absent}, but this {type(self).__name__} "
                                    f"has no such component (it has {list(present)}).")
         steps = []
+        target = getattr(self, "_gralora_hotswap_target", None)  # enable_gralora_hotswap: pad to the target rank
         for component, header in adapter.configs.items():
             config = config_from_header(header, source, component, base_model=adapter.base_model)
-            check_fits(present[component], component, config, adapter.state_dicts[component], source)
-            steps.append((component, present[component], config, adapter.state_dicts[component]))
+            state_dict = adapter.state_dicts[component]
+            check_fits(present[component], component, config, state_dict, source)
+            if target is not None:
+                hybrid_r = config.hybrid_r if target[1] is None else target[1]
+                state_dict, config = fit_state_dict(state_dict, config, target[0], hybrid_r, where=f"{source}: {component}")
+            steps.append((component, present[component], config, state_dict))
         with offloading_paused(self):
             load_into_models(steps, adapter_name, source)
+        if target is not None:
+            for layer in self._all_gralora_layers(list(adapter.configs)):
+                if adapter_name in layer.scaling:
+                    layer.scaling_to_tensor(adapter_name)
+        return adapter_name
+
+    # -- hot-swap --------------------------------------------------------------------------------
+
+    def enable_gralora_hotswap(self, target_rank: int, target_hybrid_r: int | None = None) -> None:
+        """Prepare hot-swapping (`load_gralora_weights(src, adapter_name=..., hotswap=True)`) for a
+        compiled pipeline: adapters loaded from now on are zero-padded to `target_rank` (and
+        `target_hybrid_r`; default: the first adapter's), which changes no output, and keep their scaling
+        in a tensor, so a later swap of any rank up to it, alpha or `set_gralora_adapters` weight does not
+        recompile. Call it before the first load and before compiling. diffusers' `enable_lora_hotswap` is
+        called too (same target rank), so plain LoRA files hot-swap through `load_lora_weights(..., hotswap=True)`."""
+        for name, value in (("target_rank", target_rank), ("target_hybrid_r", target_hybrid_r)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (name == "target_rank")):
+                raise GraloraConfigError(f"{name}={value!r}: give an integer >= {int(name == 'target_rank')}.")
+        loaded = {c: names for c, m in self._gralora_components().items() if (names := sorted(existing_adapter_names(m)))}
+        if loaded:
+            raise GraloraConfigError(f"enable_gralora_hotswap: adapters are loaded already ({loaded}); call it before the "
+                                     "first load (and before compiling), or unload them first.")
+        if callable(getattr(self, "enable_lora_hotswap", None)) and getattr(self, "_lora_loadable_modules", None):
+            self.enable_lora_hotswap(target_rank=target_rank)
+        self._gralora_hotswap_target = (target_rank, target_hybrid_r)
+
+    def _hotswap_gralora(self, adapter, adapter_name) -> str:
+        """`load_gralora_weights(..., hotswap=True)`: every check and every new tensor first, then copies."""
+        source = adapter.source
+        loaded = self.list_gralora_adapters()
+        if adapter_name not in {n for names in loaded.values() for n in names}:
+            raise GraloraConfigError(f"hotswap=True replaces a loaded adapter: adapter_name={adapter_name!r} is not one "
+                                     f"(loaded: {loaded}). Load the first adapter without hotswap.")
+        if any(layer.merged for layer in self._all_gralora_layers()):
+            raise GraloraConfigError("GraLoRA adapters are fused into the weights; call unfuse_gralora() before a hot-swap.")
+        carrying = sorted(c for c, names in loaded.items() if adapter_name in names)
+        if sorted(adapter.configs) != carrying:
+            raise AdapterFileError(f"{source}: has weights for {sorted(adapter.configs)}, but {adapter_name!r} lives in "
+                                   f"{carrying}; hot-swap keeps the components. Load it under another adapter_name.")
+        present = self._gralora_components()
+        plans = []
+        for component in carrying:
+            model = present[component]
+            config = config_from_header(adapter.configs[component], source, component, base_model=adapter.base_model)
+            check_fits(model, component, config, adapter.state_dicts[component], source)
+            plans.append(hotswap_plan(model, component, adapter_name, config, adapter.state_dicts[component], source))
+        for plan in plans:  # nothing can fail from here: shapes, dtypes and values are checked
+            plan.apply()
         return adapter_name
 
     def _next_adapter_name(self) -> str:
@@ -128,6 +189,22 @@ class GraloraLoaderMixin:
         while f"default_{n}" in taken:
             n += 1
         return f"default_{n}"
+
+    # -- per-image adapters ----------------------------------------------------------------------
+
+    def __call__(self, *args, gralora_adapter_names=None, **kwargs):
+        """The pipeline's own call; `gralora_adapter_names=[name or None, ...]`, one per prompt, runs each
+        prompt's images with that GraLoRA adapter alone (None: the base) in one batch (`mixed_batch`)."""
+        if gralora_adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        from .mixed_batch import per_image_adapters, prompt_count
+
+        prompts = prompt_count(args, kwargs)
+        if prompts is not None and prompts != len(gralora_adapter_names):
+            raise GraloraConfigError(f"gralora_adapter_names has {len(gralora_adapter_names)} names for {prompts} prompts; "
+                                     "give one name (or None for the base) per prompt.")
+        with per_image_adapters(self, gralora_adapter_names, kwargs.get("num_images_per_prompt") or 1):
+            return super().__call__(*args, **kwargs)
 
     # -- which adapters, at which weights ------------------------------------------------------
 
@@ -297,10 +374,11 @@ def patch_pipeline(pipe):
         raise GraloraConfigError(f"{type(pipe).__name__} has no unet / text_encoder / text_encoder_2 to carry GraLoRA adapters.")
     cls = type(pipe)
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(cls.__name__, (cls, GraloraLoaderMixin), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        # the mixin first: its __call__ (per-image adapters) wraps the pipeline's
+        _PATCHED_CLASSES[cls] = type(cls.__name__, (GraloraLoaderMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
     pipe.__class__ = _PATCHED_CLASSES[cls]
     return pipe
 
 
-class GraloraStableDiffusionXLPipeline(StableDiffusionXLPipeline, GraloraLoaderMixin):
+class GraloraStableDiffusionXLPipeline(GraloraLoaderMixin, StableDiffusionXLPipeline):
     """diffusers' StableDiffusionXLPipeline with the GraLoRA loader methods."""

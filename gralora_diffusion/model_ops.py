@@ -21,7 +21,7 @@ from peft import GraloraConfig, set_peft_model_state_dict
 from peft.tuners.gralora.layer import GraloraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .adapter_file import normalize_module_key, split_module_key
+from .adapter_file import by_module, normalize_module_key
 from .errors import AdapterFileError, GraloraConfigError
 from .inject import check_config, inject_config, plain_modules
 
@@ -43,10 +43,7 @@ def check_fits(model: nn.Module, component: str, config: GraloraConfig, state_di
     """Every module with weights exists here, is a Linear of the widths the tensors imply, and the
     config's target_modules select exactly those modules (so injection creates no weightless layer)."""
     modules = dict(plain_modules(model))
-    weighted: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        module, suffix = split_module_key(key)
-        weighted.setdefault(module, {})[suffix] = tensor
+    weighted = by_module(state_dict)
     k = config.gralora_k
     for name, tensors in weighted.items():
         module = modules.get(name)
@@ -205,6 +202,66 @@ def offloading_paused(pipe):
                     _maybe_remove_and_reapply_group_offloading(component)
 
 
+# -- hot-swap -------------------------------------------------------------------------------------
+
+
+@dataclass
+class HotswapPlan:
+    """What a hot-swap writes into one model, every tensor already in its parameter's shape, dtype and
+    device, so `apply` cannot fail half-way."""
+
+    model: nn.Module
+    adapter_name: str
+    config: GraloraConfig  # the loaded adapter's config once swapped (the new one's, at the loaded shapes)
+    copies: list  # (parameter, tensor)
+    layers: list  # GraLoRA layers carrying the adapter
+    scaling: float
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for param, tensor in self.copies:
+                param.copy_(tensor)
+        for layer in self.layers:
+            layer.alpha[self.adapter_name] = self.config.alpha
+            layer.assign_scaling(self.adapter_name, self.scaling)  # strength 1, as PEFT's hotswap sets it
+        self.model.peft_config[self.adapter_name] = self.config
+
+
+def hotswap_plan(model: nn.Module, component: str, adapter_name: str, config: GraloraConfig, state_dict: dict,
+                 source: str) -> HotswapPlan:
+    """Check that adapter (config, state dict, already `check_fits`) can take `adapter_name`'s place in
+    this model and bring its tensors to the loaded shapes (`hotswap.fit_adapter_tensors`). Changes nothing."""
+    from .adapter_config import scaling
+    from .hotswap import check_same_modules, fit_adapter_tensors, fit_config
+
+    where = f"{source}: {component}"
+    layers = {normalize_module_key(name): m for name, m in model.named_modules()
+              if isinstance(m, GraloraLayer) and adapter_name in m.gralora_A}
+    modules = by_module(state_dict)
+    check_same_modules(modules, layers, where, adapter_name)
+    loaded = model.peft_config[adapter_name]
+    k, rank, hybrid_r = loaded.gralora_k, loaded.r, loaded.hybrid_r
+    copies = []
+    for name, tensors in modules.items():
+        layer = layers[name]
+        fitted = fit_adapter_tensors(tensors, config, k, rank, hybrid_r, f"{where}.{name}")
+        params = {"gralora_A": layer.gralora_A[adapter_name], "gralora_B": layer.gralora_B[adapter_name]}
+        if hybrid_r:
+            params["gralora_A_general.weight"] = layer.gralora_A_general[adapter_name].weight
+            params["gralora_B_general.weight"] = layer.gralora_B_general[adapter_name].weight
+        for suffix, param in params.items():
+            tensor = fitted[suffix].to(device=param.device, dtype=param.dtype)
+            if tensor.shape != param.shape:
+                raise AdapterFileError(f"{where}.{name}.{suffix}: shape {tuple(tensor.shape)} at the loaded k and rank, "
+                                       f"but the loaded adapter's is {tuple(param.shape)}: another base model.")
+            if not torch.isfinite(tensor).all():
+                raise AdapterFileError(f"{where}.{name}.{suffix}: values up to {float(fitted[suffix].abs().max()):.6g} do "
+                                       f"not fit this pipeline's {str(param.dtype).removeprefix('torch.')}; nothing was swapped.")
+            copies.append((param, tensor))
+    return HotswapPlan(model, adapter_name, fit_config(config, k, rank, hybrid_r), copies, list(layers.values()),
+                       scaling(config))
+
+
 # -- weights --------------------------------------------------------------------------------------
 
 
@@ -269,9 +326,10 @@ def fuse_layer(layer, adapters: list[str], scale: float, sharing, exact_unfuse: 
     state = getattr(layer, "gralora_fuse_state", None)
     if state is None or not layer.merged:  # first fuse on this layer: remember how to undo it
         backup = layer.get_base_layer().weight.detach().to("cpu", copy=True) if exact_unfuse else None
-        state = layer.gralora_fuse_state = FuseState(dict(layer.scaling), backup, [], _others_merged(layer, sharing))
+        scalings = {a: float(v) for a, v in layer.scaling.items()}  # values: a tensor scaling changes in place
+        state = layer.gralora_fuse_state = FuseState(scalings, backup, [], _others_merged(layer, sharing))
     for adapter in adapters:
-        layer.scaling[adapter] *= scale
+        layer.assign_scaling(adapter, layer.scaling[adapter] * scale)
     layer.merge(adapter_names=adapters)
     state.merged = list(layer.merged_adapters)
 
@@ -299,7 +357,7 @@ def unfuse_layer(layer, sharing) -> None:
     if state is not None:
         for adapter, scaling in state.scaling.items():
             if adapter in layer.scaling:
-                layer.scaling[adapter] = scaling
+                layer.assign_scaling(adapter, scaling)
 
 
 def merged_adapter_names(models) -> set[str]:

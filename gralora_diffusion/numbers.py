@@ -65,7 +65,8 @@ LIMITS: dict[str, tuple] = {
     "max_train_steps": (1, INT_MAX), "num_train_epochs": (1, 1_000_000), "lr_warmup_steps": (0, INT_MAX),
     "lr_num_cycles": (1, 1_000_000), "num_validation_images": (1, 64), "validation_steps": (1, INT_MAX),
     "num_inference_steps": (1, 1000), "steps": (1, 1000), "checkpointing_steps": (1, INT_MAX),
-    "checkpoints_total_limit": (1, 1_000_000), "image_cache_mb": (0, 1_048_576), "seeds_per_variant": (1, 100),
+    "checkpoints_total_limit": (1, 1_000_000), "image_cache_mb": (0, 1_048_576),
+    "embedding_cache_mb": (0, 1_048_576), "max_train_samples": (1, INT_MAX), "seeds_per_variant": (1, 100),
     "seed": (0, SEED_MAX), "seeds": GENERATOR_SEEDS, "eval_seeds": GENERATOR_SEEDS, "num_threads": (1, 1024),
     "global_step": (0, INT_MAX), "layers_per_block": (1, 64), "svd_rank": (1, 4096),
     # floats
@@ -74,6 +75,7 @@ LIMITS: dict[str, tuple] = {
     "learning_rate": (0.0, 100.0, "low_open"), "text_encoder_lr": (0.0, 100.0, "low_open"),
     "adam_beta1": (0.0, 1.0, "high_open"), "adam_beta2": (0.0, 1.0, "high_open"), "adam_epsilon": (0.0, 1.0, "low_open"),
     "adam_weight_decay": (0.0, 100.0), "ema_decay": (0.0, 1.0), "dropout": (0.0, 1.0, "high_open"),
+    "caption_dropout": (0.0, 1.0, "high_open"),
     "prior_loss_weight": (0.0, 1e6), "max_grad_norm": (0.0, 1e6), "snr_gamma": (0.0, 1e6, "low_open"),
     "noise_offset": (0.0, 100.0), "lr_power": (0.0, 100.0),
     "validation_epochs": (1, 1_000_000), "adam_weight_decay_text_encoder": (0.0, 100.0), "prodigy_beta3": (0.0, 1.0, "high_open"),

@@ -4,6 +4,7 @@
                                       [--quick|--full]
                                       [--configs paper|all] [--threads N] [--clock wall|cpu]
     python scripts/benchmark.py infer [--device cpu|cuda] [--dtype fp32|bf16] [--json out.json] [--quick]
+    python scripts/benchmark.py serving [--reps 5] [--compile_backend eager|inductor] [--json out.json] [--quick]
     python scripts/benchmark.py NAME ...   (any other module of benchmarks/ with a run(args))
 
 On a CPU shared with other work, `--threads 1 --clock cpu` gives the steadiest numbers.
@@ -41,6 +42,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--size_gib", type=float, default=1.1, help="large_load: size of the adapter file to load")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], help="step: the trainer's --mixed_precision (overrides --dtype)")
     parser.add_argument("--torch_compile", action="store_true", help="step: GraLoRA and LoRA steps compiled vs not, and the compile time")
+    parser.add_argument("--compile_backend", help="serving: torch.compile backend (default: eager on CPU, inductor on CUDA)")
     parser.add_argument("--resolution", type=int, help="step: training resolution (default 128; --quick 64; the quickstart trains at 64)")
     parser.add_argument("--batch", type=int, help="step: train batch size (default 2; --quick 1; the quickstart trains at 2)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],

@@ -5,13 +5,22 @@ HELP = ("Score adapters with DreamBooth's metrics (DINO, CLIP-I, CLIP-T): the ba
 
 
 def add_arguments(parser):
+    from ..constants import REFERENCE_IMAGES
     from ..metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
     parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, or `tiny` (embedded, offline; default)")
     parser.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
                         help="GraLoRA or plain LoRA file, folder or Hub id, each scored alone; repeat for several")
-    parser.add_argument("--instance_data_dir", "--instance-data-dir", type=Path, required=True,
+    parser.add_argument("--instance_data_dir", "--instance-data-dir", type=Path, default=None,
                         help="folder of the subject photos the generated images are compared with")
+    parser.add_argument("--dataset_name", default=None,
+                        help="or a 🤗 datasets set of them (Hub id, imagefolder, parquet or save_to_disk folder), as train takes it")
+    parser.add_argument("--dataset_config_name", default=None, help="the dataset's configuration (subset) name")
+    parser.add_argument("--dataset_split", default="train", help="the dataset's split (default train)")
+    parser.add_argument("--image_column", default=None, help="the dataset's image column (default: its first Image feature)")
+    parser.add_argument("--max_train_samples", type=int, default=None,
+                        help=f"compare with the dataset's first N images (default and at most {REFERENCE_IMAGES})")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it (reads only the rows used)")
     parser.add_argument("--subject", default="sks teapot",
                         help='identifier and class, e.g. "sks teapot": fills the default DreamBooth prompts')
     parser.add_argument("--identifier", default=None,
@@ -39,12 +48,20 @@ def _adapter(text: str):
 
 def run(args) -> int:
     from ..evaluate import evaluate_adapter, format_table, parse_seeds
+    from ..errors import GraloraConfigError
     from ..generate import read_prompts
+    from ..train.hf_dataset import reference_images
 
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        raise GraloraConfigError("Give the instance images: --instance_data_dir FOLDER (the subject photos) or --dataset_name DATASET, one of them.")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise GraloraConfigError(f"--max_train_samples {args.max_train_samples}: at least 1.")
+    instance_images = reference_images(args) if args.dataset_name else None
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     seeds = parse_seeds(args.seeds)
     result = evaluate_adapter(
         base_model=args.base, adapters=[_adapter(a) for a in args.adapter], instance_data_dir=args.instance_data_dir,
+        instance_images=instance_images,
         subject=args.subject, prompts=prompts or None, identifier=args.identifier, seeds=seeds, steps=args.steps,
         guidance=args.guidance, resolution=args.resolution, negative_prompt=args.negative_prompt,
         dino_model=None if args.dino_model.lower() == "none" else args.dino_model,

@@ -23,6 +23,9 @@ def add_arguments(parser):
     parser.add_argument("--side-by-side", action="store_true",
                         help="a grid column per adapter (each alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline; "
                              "default: all adapters together in every column")
+    parser.add_argument("--per_image_adapters", "--per-image-adapters", action="store_true",
+                        help="one batch per seed and scale, prompt i with adapter i alone (GraLoRA adapters); a prompts file "
+                             "may instead name each line's adapter after a TAB: its --adapter number, its path, or none")
     parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights per scale (faster on large runs)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
@@ -33,9 +36,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..errors import GraloraConfigError
-    from ..generate import generate_samples, parse_adapter, parse_scales, read_prompts
+    from ..generate import generate_samples, parse_adapter, parse_scales, prompt_adapters, read_prompts
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    prompts, per_image = prompt_adapters(prompts, args.adapter, args.per_image_adapters)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -44,7 +48,7 @@ def run(args) -> int:
         base_model=args.base, adapters=[parse_adapter(a) for a in args.adapter], prompts=prompts,
         output_dir=args.output_dir, negative_prompt=args.negative_prompt, seeds=seeds or [0], steps=args.steps,
         guidance=args.guidance, height=args.height, width=args.width, scales=parse_scales(args.scales),
-        fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side,
+        fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side, per_image_adapters=per_image,
     )
     print(f"Wrote {len(result.images)} images to {result.output_dir}/")
     print(f"Grid (rows: prompt x seed, columns: {', '.join(result.columns)}): {result.grid}")

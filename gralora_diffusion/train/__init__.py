@@ -1,5 +1,6 @@
 """DreamBooth-style training of GraLoRA (or LoRA) adapters for SDXL, split by stage:
-config (settings) -> data (images, captions, buckets, class images) -> model (base model, adapters,
+config (settings) -> data (images, captions, buckets, class images; hf_dataset: 🤗 datasets and
+streams) -> model (base model, adapters,
 optimizer) -> loss (one micro-batch) -> loop (the stages, under Accelerate) -> sampling (sample
 images) and save (adapter, config, checkpoints)."""
 

@@ -42,7 +42,10 @@ def shaping_settings(cfg) -> dict:
             "train_text_encoder": cfg.train_text_encoder,
             "text_encoder_targets": cfg.text_encoder_targets if cfg.train_text_encoder else None,
             "optimizer": cfg.optimizer, "use_ema": cfg.use_ema,
-            **({"use_dora": True} if cfg.use_dora else {})}  # only when on: older checkpoints, without the key, still resume
+            **({"use_dora": True} if cfg.use_dora else {}),  # only when on: older checkpoints, without the key, still resume
+            # a streamed run resumes by position in the stream: the stream and its cut must be the same
+            **({"stream": [cfg.dataset_name, cfg.dataset_config_name, cfg.dataset_split, cfg.max_train_samples,
+                           cfg.train_batch_size, cfg.gradient_accumulation_steps]} if cfg.streaming else {})}
 
 
 # Settings a resumed run may change; each stretch of a run records them (training_config.yaml, card).

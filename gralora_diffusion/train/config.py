@@ -52,7 +52,19 @@ class TrainConfig:
     variant: str | None = _opt("weights variant of the base model, e.g. fp16")
     # data
     instance_data_dir: str | None = _opt("folder of subject images; captions from <image>.txt or metadata.jsonl override --instance_prompt")
-    instance_prompt: str | None = _opt('prompt with the identifier, e.g. "a photo of sks teapot"')
+    instance_prompt: str | None = _opt('prompt with the identifier, e.g. "a photo of sks teapot"; with --dataset_name, '
+                                       "the caption of rows that have none")
+    dataset_name: str | None = _opt("🤗 datasets training set instead of --instance_data_dir: a Hub id, or a local imagefolder "
+                                    "(metadata.jsonl/.csv), folder of parquet files, or save_to_disk folder")
+    dataset_config_name: str | None = _opt("the dataset's configuration (subset) name")
+    dataset_split: str = _opt("the dataset's split to train on", default="train")
+    image_column: str | None = _opt("dataset column of the images (default: its first Image feature)")
+    caption_column: str | None = _opt("dataset column of the captions (default: text, caption or prompt, or its only text column)")
+    max_train_samples: int | None = _opt("train on the dataset's first N rows only")
+    caption_dropout: float = _opt("share of instance captions replaced by the empty prompt (as the pipeline encodes it), "
+                                  "for classifier-free guidance", default=0.0)
+    streaming: bool = _opt("stream --dataset_name (datasets' IterableDataset) instead of loading it; needs --max_train_steps",
+                           default=False)
     repeats: int = _opt("how many times the instance images repeat per epoch", default=1)
     with_prior_preservation: bool = _opt("add the prior-preservation loss on class images", default=False)
     class_data_dir: str | None = _opt("folder of class images; missing ones are generated with the base model")
@@ -115,6 +127,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt("trade compute for memory", default=False)
     cache_latents: bool = _opt("encode each training image once and reuse the VAE latents", default=False)
     cache_text_embeddings: bool = _opt("encode each prompt once when the text encoders are frozen", default=True)
+    embedding_cache_mb: int = _opt("cached latents and text embeddings kept in memory up to this many MiB; the rest go "
+                                   "to safetensors files under --cache_dir", default=4096)
+    cache_dir: str | None = _opt("folder of the on-disk latent/text-embedding cache (default: OUTPUT_DIR/cache)")
     allow_tf32: bool = _opt("allow TF32 matmuls on Ampere+ GPUs", default=False)
     enable_xformers_memory_efficient_attention: bool = _opt("xformers attention in the UNet (needs xformers; PyTorch's "
                                                             "default attention is memory-efficient already)", default=False)
@@ -227,8 +242,7 @@ class TrainConfig:
             self._report_to_chosen = True
         if need_model and not self.pretrained_model_name_or_path:
             raise TrainConfigError("--pretrained_model_name_or_path is required (a Hub id or a local folder, e.g. from `gralora-diffusion make-tiny DIR`).")
-        if not self.instance_data_dir:
-            raise TrainConfigError("--instance_data_dir is required: the folder holding the images of your subject.")
+        self._check_data_source()
         if self.resolution < 8 or self.resolution % 8:
             raise TrainConfigError(f"--resolution={self.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8).")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
@@ -266,6 +280,29 @@ class TrainConfig:
                     "(no training_state.json). Give a checkpoint-N folder, or `latest`."
                 )
         return self
+
+    def _check_data_source(self) -> None:
+        """--instance_data_dir (a folder) or --dataset_name (🤗 datasets), and the dataset flags' ranges."""
+        if not self.instance_data_dir and not self.dataset_name:
+            raise TrainConfigError("--instance_data_dir is required: the folder holding the images of your subject "
+                                   "(or --dataset_name: a 🤗 datasets training set).")
+        if self.instance_data_dir and self.dataset_name:
+            raise TrainConfigError(f"--instance_data_dir {self.instance_data_dir} and --dataset_name {self.dataset_name}: give one of them.")
+        if not self.dataset_name:
+            given = [n for n in ("dataset_config_name", "image_column", "caption_column", "max_train_samples") if getattr(self, n) is not None]
+            if self.streaming:
+                given.append("streaming")
+            if given:
+                raise TrainConfigError(f"--{', --'.join(given)}: dataset settings; they need --dataset_name.")
+        if self.streaming and not self.max_train_steps:
+            raise TrainConfigError("--streaming: give --max_train_steps (a streamed dataset's length is not known in advance).")
+        if self.streaming and self.aspect_buckets:
+            raise TrainConfigError("--streaming trains at the square --resolution; leave out --aspect_buckets, or load the "
+                                   "dataset without --streaming.")
+        if self.streaming and self.dataloader_num_workers:
+            # datasets splits a stream's shards among DataLoader workers, so the order would depend on the shards
+            raise TrainConfigError("--streaming reads and decodes rows in the training process, in one fixed order; leave "
+                                   "--dataloader_num_workers at 0, or load the dataset without --streaming.")
 
     def checkpoint_path(self, value: str) -> Path:
         path = Path(value)

@@ -31,6 +31,8 @@ from .image_cache import ImageCache
 logger = logging.getLogger("gralora_diffusion.train")
 
 CAPTION_KEYS = ("text", "caption", "prompt")
+# A dropped caption (--caption_dropout): the loss encodes it as the pipeline encodes an empty prompt.
+EMPTY_PROMPT = ""
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class ImageRecord:
     path: Path
     caption: str
     size: tuple[int, int]  # (height, width) after EXIF rotation
+
+    def source(self):
+        """What the image reader opens (a dataset row gives its bytes: hf_dataset.DatasetRecord)."""
+        return self.path
 
 
 # The one image reader (gralora_diffusion.images): these names stay for the trainer's other callers.
@@ -155,8 +161,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     every class image is trained on once per epoch, not only the first len(instances) of them."""
 
     def __init__(self, instances, resolution, center_crop=False, random_flip=False, buckets=None, repeats=1, seed=0, classes=None,
-                 image_cache_mb=0, interpolation="bilinear"):
+                 image_cache_mb=0, interpolation="bilinear", caption_dropout=0.0):
         self.instances, self.classes = list(instances), list(classes or [])
+        self.caption_dropout = caption_dropout
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.buckets, self.repeats, self.seed = buckets, repeats, seed
         self.cache = ImageCache(image_cache_mb)  # decoded, resized images by (path, target size)
@@ -180,7 +187,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         example = {"instance": self._example(self.instances[index % len(self.instances)], target, rng)}
         if self.classes:
             example["class"] = self._example(self.classes[index % len(self.classes)], target, rng)
-        return example
+        return drop_caption(example, self.caption_dropout, self.seed, epoch, index)
 
     def _example(self, record: ImageRecord, target: tuple[int, int], rng: random.Random) -> dict:
         resized, original = self.cache.get((record.path, target), lambda: self.decode(record, target, self.resample))
@@ -207,7 +214,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         """The image as uint8 [height, width, 3], resized (small ones upscaled) to cover `target`,
         and its (height, width) as decoded: the part of an item that is the same at every step."""
         try:
-            image = load_image(record.path)
+            image = load_image(record.source())
         except _UNREADABLE as err:
             raise UnreadableImageError(str(err) if isinstance(err, ImageFileError) else
                                        f"{record.path}: cannot decode the image ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
@@ -219,6 +226,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if size != image.size:
             image = image.resize(size, resample)
         return np.asarray(image, dtype=np.uint8), original
+
+
+def drop_caption(example: dict, share: float, seed: int, epoch: int, index: int) -> dict:
+    """--caption_dropout: the instance caption becomes EMPTY_PROMPT for `share` of the items, drawn
+    from the item's own RNG (a stream apart from its crop's), so a resumed run drops the same ones."""
+    if share and random.Random(f"caption/{seed}/{epoch}/{index}").random() < share:
+        example["instance"] = {**example["instance"], "prompt": EMPTY_PROMPT}
+    return example
 
 
 def collate(examples: list[dict]) -> dict:

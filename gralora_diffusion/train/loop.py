@@ -24,6 +24,7 @@ from ..constants import KOHYA_WEIGHT_NAME
 from ..errors import TrainingError, UnreadableImageError
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochBatches, collate, count_images, ensure_class_images, logger, scan_images
+from .hf_dataset import StreamBatches, data_fingerprint, instance_records
 from .checkpoint import check_checkpoint, load_training_state, run_history, save_training_state, shaping_settings
 from .lock import output_dir_lock
 from .loss import BatchLoss
@@ -101,7 +102,7 @@ def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None]
     after every update on every process. `command` starts the resume command that an interrupted
     run (Ctrl-C, an unreadable image) prints."""
     cfg.validate(need_model=pipeline is None)
-    instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt, "instance")  # before any model loads
+    instances = instance_records(cfg)  # before any model loads
     resume_from = find_resume_checkpoint(cfg)
     resumed = check_checkpoint(resume_from, cfg) if resume_from else None  # also before any model loads
     if cfg.seed is None:
@@ -226,12 +227,13 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
                                 cfg.repeats, cfg.seed, classes,
                                 # worker processes get a fresh copy of the dataset every epoch: a cache there only costs memory
                                 image_cache_mb=cfg.image_cache_mb if cfg.dataloader_num_workers == 0 else 0,
-                                interpolation=cfg.image_interpolation_mode)
-    batches = EpochBatches(dataset, cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
+                                interpolation=cfg.image_interpolation_mode, caption_dropout=cfg.caption_dropout)
+    shard = (cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
+    batches = StreamBatches(cfg, dataset, *shard) if cfg.streaming else EpochBatches(dataset, *shard)
     run = make_run(cfg, accelerator, pipe, components, params, dataset, batches)
     run.batch_loss = BatchLoss(cfg, pipe, run.wrapped["unet"], (run.wrapped.get("text_encoder", pipe.text_encoder),
                                run.wrapped.get("text_encoder_2", pipe.text_encoder_2)), DDPMScheduler.from_config(pipe.scheduler.config),
-                               weight_dtype, device)
+                               weight_dtype, device, data_fingerprint([*dataset.instances, *dataset.classes]))
     run.history = run_history(cfg, resume_from[1])
     if main:
         save_config(cfg, out, run.history)
@@ -350,6 +352,12 @@ def micro_batches(run: Run, epoch: int):
     batch count. Skipping is a slice of this epoch's batch list (what `skip_first_batches` does
     with a SkipBatchSampler), so the DataLoader keeps our per-epoch generator."""
     ga = run.cfg.gradient_accumulation_steps
+    if isinstance(run.batches, StreamBatches):  # one endless epoch, read from its start, skipping what was trained on
+        run.batches.start = run.global_step * ga
+        loader = torch.utils.data.DataLoader(run.batches, batch_size=None, generator=torch.Generator().manual_seed(run.cfg.seed))
+        for micro, batch in enumerate(loader, start=run.batches.start):
+            yield batch, ga, (micro + 1) % ga == 0
+        return
     epoch_batches = run.batches.for_epoch(epoch)
     start = (run.global_step % run.updates_per_epoch) * ga if epoch == run.global_step // run.updates_per_epoch else 0
     # Own generator: a DataLoader draws a seed when iterated, which must not move the global RNG

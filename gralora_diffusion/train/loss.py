@@ -8,7 +8,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .data import EMPTY_PROMPT
 from .sampling import latent_stats
+from .tensor_cache import TensorCache, module_fingerprint
 
 
 def encode_prompts(tokenizers, text_encoders, prompts: list[str], device):
@@ -58,12 +60,19 @@ class BatchLoss:
     """`loss, parts = BatchLoss(...)(batch)`. Holds the VAE latent-distribution cache (per augmented
     item) and the text-embedding cache (per prompt, only while the text encoders are frozen)."""
 
-    def __init__(self, cfg, pipe, unet, text_encoders, noise_scheduler, weight_dtype, device):
+    def __init__(self, cfg, pipe, unet, text_encoders, noise_scheduler, weight_dtype, device, data_fingerprint: str = ""):
+        from pathlib import Path
+
         self.cfg, self.pipe, self.unet, self.text_encoders = cfg, pipe, unet, text_encoders
         self.noise_scheduler, self.weight_dtype, self.device = noise_scheduler, weight_dtype, device
         self.cache_text = cfg.cache_text_embeddings and not cfg.train_text_encoder
-        self.latent_cache: dict = {}
-        self.text_cache: dict = {}
+        # beyond --embedding_cache_mb, on disk under a fingerprint of the encoder (and the images, for latents)
+        folder = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
+        budget = cfg.embedding_cache_mb // 2  # half each
+        self.latent_cache = TensorCache(budget, folder, lambda: "latents-" + module_fingerprint(
+            pipe.vae, extra=f"{pipe.vae.dtype}|{data_fingerprint}"))
+        self.text_cache = TensorCache(budget, folder, lambda: "text-" + module_fingerprint(
+            *text_encoders, extra=f"{weight_dtype}|{pipe.tokenizer.model_max_length}|{len(pipe.tokenizer)}|{len(pipe.tokenizer_2)}"))
 
     def latent_params(self, batch):
         def encode(pixels):
@@ -74,20 +83,31 @@ class BatchLoss:
             return encode(batch["pixel_values"])
         if any(k not in self.latent_cache for k in batch["keys"]):
             for key, p in zip(batch["keys"], encode(batch["pixel_values"])):
-                self.latent_cache[key] = p.detach()
-        return torch.stack([self.latent_cache[k] for k in batch["keys"]])
+                self.latent_cache[key] = (p.detach(),)
+        return torch.stack([self.latent_cache[k][0].to(self.device) for k in batch["keys"]])
 
     def text_conditioning(self, prompts):
+        """As the pipeline conditions: a dropped caption (EMPTY_PROMPT) is zeros where the pipeline's
+        `force_zeros_for_empty_prompt` zeroes its unconditional embedding, else the encoded empty prompt."""
+        embeds, pooled = self.encoded_prompts(prompts)
+        if EMPTY_PROMPT in prompts and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            keep = torch.tensor([p != EMPTY_PROMPT for p in prompts], device=embeds.device, dtype=embeds.dtype)
+            embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
+        return embeds, pooled
+
+    def encoded_prompts(self, prompts):
         tokenizers = (self.pipe.tokenizer, self.pipe.tokenizer_2)
         if not self.cache_text:
             with torch.no_grad() if not self.cfg.train_text_encoder else contextlib.nullcontext():
                 return encode_prompts(tokenizers, self.text_encoders, prompts, self.device)
-        missing = sorted({p for p in prompts if p not in self.text_cache})
-        if missing:
+        # one prompt at a time: a prompt's cached embedding must not depend on which prompts shared its
+        # first batch (batched matmuls differ in the last bits), or a resumed run drifts from an unbroken one
+        for prompt in sorted({p for p in prompts if p not in self.text_cache}):
             with torch.no_grad():
-                embeds, pooled = encode_prompts(tokenizers, self.text_encoders, missing, self.device)
-            self.text_cache.update({p: (e, q) for p, e, q in zip(missing, embeds, pooled)})
-        return torch.stack([self.text_cache[p][0] for p in prompts]), torch.stack([self.text_cache[p][1] for p in prompts])
+                embeds, pooled = encode_prompts(tokenizers, self.text_encoders, [prompt], self.device)
+            self.text_cache[prompt] = (embeds[0], pooled[0])
+        found = [self.text_cache[p] for p in prompts]
+        return torch.stack([e.to(self.device) for e, _ in found]), torch.stack([q.to(self.device) for _, q in found])
 
     def __call__(self, batch):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

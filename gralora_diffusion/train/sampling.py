@@ -82,9 +82,10 @@ def save_samples(rows: list[list], folder: Path, tag: str, prompts: list[str] | 
 def sample_scorers(cfg, device) -> list:
     """--validation_metrics: DreamBooth's scorers (and the base's own) bound to the instance images."""
     from ..evaluate import instance_scorers
+    from .hf_dataset import reference_images
 
     dino, clip = cfg.metric_models
-    return instance_scorers(cfg.instance_data_dir, cfg.instance_prompt, dino, clip, device, cfg.pretrained_model_name_or_path)
+    return instance_scorers(reference_images(cfg), cfg.instance_prompt, dino, clip, device, cfg.pretrained_model_name_or_path)
 
 
 def sample_metrics(scorers: list, rows: list[list], prompts: list[str]) -> dict[str, float]:
