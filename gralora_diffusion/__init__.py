@@ -1,4 +1,5 @@
-"""gralora-diffusion: GraLoRA (Granular Low-Rank Adaptation) adapters for Stable Diffusion XL.
+"""gralora-diffusion: GraLoRA (Granular Low-Rank Adaptation) adapters for diffusers pipelines (SDXL, SD 1.5,
+SD 3.5, FLUX.1, FLUX.2 [klein], Qwen-Image: the families in `bases/`).
 
 Names are imported on first use (PEP 562), so `import gralora_diffusion` and the command line's
 `--help` stay fast and do not import torch/diffusers until something needs them.
@@ -13,8 +14,12 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "adapter_file": None,  # the module itself
-    "TEXT_ENCODER_PRESETS": "constants",
-    "UNET_PRESETS": "constants",
+    "TEXT_ENCODER_PRESETS": "bases.sdxl",
+    "UNET_PRESETS": "bases.sdxl",
+    "tiny_pipeline": "bases",
+    "load_base": "bases",
+    "get_family": "bases",
+    "FAMILY_NAMES": "bases",
     "add_gralora": "inject",
     "GraloraLinear": "layer",
     "WEIGHT_NAME": "constants",

@@ -4,7 +4,8 @@ Keys: `<component>.<module path>.gralora_A` (and `gralora_B`, `gralora_A_general
 `gralora_B_general.weight`), component one of `unet`, `text_encoder`, `text_encoder_2`; no adapter
 name in the key (PEFT's `get_peft_model_state_dict` layout). Header metadata (all strings):
 `format` = "gralora-diffusion", `format_version`, `gralora_configs` = JSON {component: config},
-and optionally `base_model`, `instance_prompt`, `training` (JSON), ...
+and optionally `family` (the base family, bases/: a file loads only into a pipeline of that family),
+`base_model`, `instance_prompt`, `training` (JSON), ...
 
 Reading never unpickles: only safetensors is accepted, and every tensor is checked against its
 component's config (shapes follow from r, k, hybrid_r), so nothing is inferred from shapes.

@@ -78,8 +78,8 @@ def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_varia
     from tqdm.auto import tqdm
 
     from .benchmark_report import BenchmarkReport, run_entry
-    from .compare import EMBEDDED_BASES, Evaluation, estimated_steps, parse_variants, run_base, run_config, run_one
-    from .generate import load_base_pipeline
+    from .bases import load_base
+    from .compare import Evaluation, estimated_steps, parse_variants, run_base, run_config, run_one
     from .metrics import quiet_libraries
 
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
@@ -99,12 +99,12 @@ def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_varia
         runs = [(v, run_config(tcfg, v, s)) for v in variants for s in seeds]
         for variant, rcfg in runs:  # every run's settings, before any model loads
             try:
-                rcfg.validate(need_model=base not in EMBEDDED_BASES)
+                rcfg.validate()
             except TrainConfigError as err:
                 raise TrainConfigError(f"--variants {variant.spec} on {task.name}: {err}") from None
         plan.append((task, tcfg, runs))
     with quiet_libraries():
-        pipe = load_base_pipeline(base)
+        pipe, _ = load_base(base, cfg.family)
     evals = [int(s) for s in eval_seeds]
     images = sum(len(t.all_prompts) * len(evals) * (len(runs) + 1) for t, _, runs in plan)
     bar = tqdm(total=sum(len(runs) * estimated_steps(tcfg) for _, tcfg, runs in plan) + images, desc=benchmark.name,

@@ -87,7 +87,7 @@ class DreamBenchScorer:
 def dreambench(folder, cfg, count: int | None = None) -> Benchmark:
     """The dataset's subjects (sorted; the first `count` when given) as tasks, scored with cfg's DINO and CLIP."""
     from .evaluate import read_instance_images
-    from .generate import default_device_dtype
+    from .bases import default_device_dtype
     from .metrics import ClipEmbedder, DinoEmbedder
 
     folder = Path(folder)

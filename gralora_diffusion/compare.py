@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from .compare_report import BASE_FOLDER, EVAL_FOLDER, load_images
 from .errors import GraloraConfigError, TrainConfigError
 from .train.config import TrainConfig
 
@@ -38,8 +39,7 @@ DEFAULT_VARIANTS = ("gralora:r=8,k=2", "gralora:r=4,k=2,hybrid_r=4", "lora:r=8")
 ALIASES = {"r": "rank", "k": "gralora_k", "lr": "learning_rate"}
 VARIANT_KEYS = ("rank", "gralora_k", "hybrid_r", "alpha", "dropout", "learning_rate", "unet_targets")
 SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", "unet_targets": "t"}
-EMBEDDED_BASES = ("tiny", "world")  # names load_base_pipeline builds in memory (no folder, no Hub id)
-BASE_FOLDER, RUN_FILE, EVAL_FOLDER, LOG_FILE = "base", "run.json", "eval", "train.log"
+RUN_FILE, LOG_FILE = "run.json", "train.log"
 # Settings that change no trained weight: a finished run still counts when only these differ.
 NOT_SHAPING = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "checkpointing_steps",
                "checkpoints_total_limit", "dataloader_num_workers", "push_to_hub", "hub_model_id", "validation_prompt",
@@ -219,12 +219,6 @@ def save_images(folder: Path, images: list[list]) -> None:
             save_image(image, folder / f"p{p}-s{s}.png")
 
 
-def load_images(folder: Path, prompts: int, seeds: int) -> list[list]:
-    from .images import read_image
-
-    return [[read_image(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
-
-
 @contextlib.contextmanager
 def set_aside(pipe):
     """On a GPU, the evaluation pipeline waits on the CPU while a variant trains."""
@@ -241,7 +235,6 @@ def set_aside(pipe):
 
 def train_run(rcfg: TrainConfig, base: str, bar) -> dict:
     """Train one run (resuming from its last checkpoint); its prints go to train.log. Returns its record."""
-    from .generate import load_base_pipeline
     from .train import train
     from .train.save import complete_checkpoints
 
@@ -259,16 +252,14 @@ def train_run(rcfg: TrainConfig, base: str, bar) -> dict:
     start = time.perf_counter()
     with open(folder / LOG_FILE, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         with PeakMemory() as peak:
-            # tiny/world are built in memory; a Hub id or folder the trainer loads with its own flags (revision, VAE)
-            pipe = load_base_pipeline(base, "cpu", torch.float32) if base in EMBEDDED_BASES else None
-            result = train(rcfg, pipeline=pipe, on_step=on_step)
+            result = train(rcfg, on_step=on_step)  # the trainer resolves tiny/world/folder/Hub id itself (bases.load_base)
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
     record = {"weights": Path(result.weights_path).name, "steps": result.global_step, "resumed_at": result.global_step - len(times),
               "parameters": sum(p.numel() for m in result.components.values() for p in m.parameters() if p.requires_grad),
               "step_time_s": gaps[len(gaps) // 2] if gaps else None,  # median: checkpoints and samples fall outside it
               "peak_memory_mb": peak.mb, "memory": peak.kind, "wall_s": time.perf_counter() - start}
     bar.update(result.global_step - seen[0])
-    del result, pipe
+    del result
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -347,7 +338,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
 
     from .compare_report import summarize, write_report
     from .evaluate import default_prompts, instance_scorers, subject_of
-    from .generate import default_device_dtype, load_base_pipeline
+    from .bases import default_device_dtype, load_base
     from .metrics import quiet_libraries
     from .outputs import claim_folder
     from .train.hf_dataset import reference_images
@@ -366,7 +357,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     runs = [(v, run_config(cfg, v, s)) for v in variants for s in seeds]
     for variant, rcfg in runs:  # every variant's settings, before any model loads
         try:
-            rcfg.validate(need_model=base not in EMBEDDED_BASES)
+            rcfg.validate()
         except TrainConfigError as err:
             raise TrainConfigError(f"--variants {variant.spec}: {err}") from None
     claim_folder(cfg.output_dir, "compare", protected=[(cfg.instance_data_dir, "instance images"),
@@ -380,7 +371,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     dino, clip = cfg.metric_models
     scorers = instance_scorers(reference_images(cfg), cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
     with quiet_libraries():
-        pipe = load_base_pipeline(base)
+        pipe, _ = load_base(base, cfg.family)
     ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution)
     bar = tqdm(total=len(runs) * estimated_steps(cfg) + (len(runs) + 1) * ev.images, desc="compare", unit="step",
                disable=not progress)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RESULTS_NAME, GRID_NAME = "results.json", "grid.png"
+BASE_FOLDER, EVAL_FOLDER = "base", "eval"  # the base model's evaluation, and each run's images
 
 
 def spread(values) -> dict:
@@ -67,10 +68,16 @@ class Comparison:
                                   f"{self.entries[0]['memory'] if self.entries else '-'})"])
 
 
+def load_images(folder: Path, prompts: int, seeds: int) -> list[list]:
+    from .images import read_image
+
+    return [[read_image(folder / f"p{p}-s{s}.png") for s in range(seeds)] for p in range(prompts)]
+
+
 def write_report(out: Path, entries: list[dict], base_record: dict, ev) -> Comparison:
     """results.json and grid.png in `out`."""
-    from .compare import BASE_FOLDER, EVAL_FOLDER, load_images
-    from .evaluate import BASE_LABEL, VariantResult, labelled_variant_grid
+    from .evaluate import BASE_LABEL, VariantResult
+    from .grids import labelled_variant_grid
 
     columns = [VariantResult(BASE_LABEL, None, None, images=load_images(out / BASE_FOLDER / EVAL_FOLDER, len(ev.prompts), len(ev.seeds)))]
     for e in entries:

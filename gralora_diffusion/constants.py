@@ -3,8 +3,9 @@ these before it loads anything heavy; `torch_dtype` resolves dtype names on firs
 
 from __future__ import annotations
 
-# The pipeline components an adapter can live in, in file order.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# Every component an adapter can live in, in file order: the union of the families' `_lora_loadable_modules`
+# (bases/; tests check each registered family against it). A pipeline's own are its `_lora_loadable_modules`.
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 # File names.
 WEIGHT_NAME = "pytorch_gralora_weights.safetensors"  # our adapter file
@@ -27,16 +28,6 @@ REFERENCE_IMAGES = 64
 # Suffixes of files we never unpickle, and of images we read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-# Target presets (PEFT module-name suffixes).
-UNET_PRESETS = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
-}
-TEXT_ENCODER_PRESETS = {
-    "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "attn+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
 
 # dtype names a user may write, to torch's attribute names.
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",

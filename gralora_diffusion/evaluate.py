@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from PIL import Image
 
 from .constants import IMAGE_SUFFIXES
 from .errors import GraloraConfigError
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from .grids import adapter_label, labelled_variant_grid
 from .quiet import progress_bar, quiet_libraries
 
 # DreamBooth's object prompts (google/dreambooth, prompts_and_classes.txt), a subset; {} = the subject
@@ -142,13 +142,13 @@ def instance_scorers(instance_images, instance_prompt, dino_model, clip_model, d
 
 def generate_grid(pipe, prompts, seeds, steps, guidance=5.0, resolution=None, negative_prompt=None, progress=None):
     """[prompt][seed] images; the same CPU generator per seed for every variant, as generate.py does."""
+    from .bases import render
+
     rows = []
     for prompt in prompts:
         row = []
         for seed in seeds:
-            row.append(pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                            height=resolution, width=resolution,
-                            generator=torch.Generator(device="cpu").manual_seed(seed)).images[0])
+            row.append(render(pipe, prompt, seed, steps, guidance, resolution, resolution, negative_prompt))
             if progress is not None:
                 progress.update(1)
         rows.append(row)
@@ -162,23 +162,6 @@ def score_images(scorers, images: list[list[Image.Image]], prompts: Sequence[str
     for scorer in scorers:
         metrics.update({k: float(v) for k, v in scorer(flat, texts).items()})
     return metrics
-
-
-def adapter_label(source) -> str:
-    """'runs/gralora/pytorch_gralora_weights.safetensors' -> 'gralora'; 'x/lora_r8.safetensors' -> 'lora_r8'."""
-    path = Path(str(source))
-    standard = path.suffix == ".safetensors" and path.name.startswith(("pytorch_", "adapter_model"))
-    return (path.parent.name if standard and path.parent.name else path.stem if path.suffix else path.name) or str(source)
-
-
-def labelled_variant_grid(variants: list[VariantResult], prompts: Sequence[str]) -> Image.Image:
-    """Rows prompts, columns variants; each cell the seeds side by side (diffusers' make_image_grid)."""
-    from diffusers.utils import make_image_grid
-
-    from .generate import labelled_grid
-
-    cells = [[make_image_grid(v.images[r], rows=1, cols=len(v.images[r])) for v in variants] for r in range(len(prompts))]
-    return labelled_grid(cells, list(prompts), [v.name for v in variants])
 
 
 def _labelled_sources(adapters) -> list[tuple[str, object]]:
@@ -231,6 +214,7 @@ def evaluate_adapter(
     device=None,
     dtype=None,
     progress=True,
+    family: str | None = None,
 ) -> EvaluationResult:
     """Score the base model alone (`include_base`) and each adapter alone on DreamBooth's metrics.
 
@@ -240,7 +224,8 @@ def evaluate_adapter(
     has two). `scorers`: callables `(images, prompts) -> {name: value}` replacing the default ones
     (`build_scorers`). `pipe`: an already loaded, patched pipeline instead of `base_model`. Writes
     `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given."""
-    from .generate import check_adapter_paths, default_device_dtype, load_base_pipeline
+    from .bases import default_device_dtype, load_base
+    from .sources import check_adapter_paths
 
     prompts = list(prompts) if prompts else default_prompts(subject)
     identifier = default_identifier(subject) if identifier is None else identifier or None
@@ -257,7 +242,7 @@ def evaluate_adapter(
         device = pipe.device if pipe is not None else default_device_dtype(device)[0]
         scorers = build_scorers(instance_images, dino_model, clip_model, identifier, device, base_model)
     with quiet_libraries():
-        pipe = pipe if pipe is not None else load_base_pipeline(base_model, device, dtype)
+        pipe = pipe if pipe is not None else load_base(base_model, family, device, dtype)[0]
     columns = ([(BASE_LABEL, None)] if include_base else []) + sources
     bar = progress_bar(progress, len(columns) * len(prompts) * len(seeds), "evaluate")
     variants = []

@@ -299,6 +299,18 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
+def kohya_rules(adapter: AdapterFile) -> dict:
+    """The adapter's family's kohya/ComfyUI rules (bases/<family>.py KOHYA); refused where none are defined.
+    A file without a family field is an SDXL one (written before families existed)."""
+    from .bases import DEFAULT_FAMILY, get_family
+
+    family = get_family(adapter.metadata.get("family") or DEFAULT_FAMILY)
+    if family.kohya is None:
+        raise ExportError(f"{adapter.source}: a {family.name} adapter; kohya/ComfyUI key names are written here for "
+                          "sdxl only. Export with --format diffusers (diffusers' load_lora_weights reads it).")
+    return family.kohya
+
+
 def export_lora(
     src,
     dst,
@@ -335,6 +347,7 @@ def export_lora(
     if blocker is not None and not blocker.is_dir():
         raise ExportError(f"{dst}: {blocker} is a file, not a folder; pick an output path in a folder.")
     adapter = _read_source(src)
+    kohya = kohya_rules(adapter) if format == "kohya" else None
     out_dtype = resolve_dtype(dtype, adapter)
     if dst.is_dir():
         dst = dst / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else KOHYA_WEIGHT_NAME)
@@ -358,10 +371,12 @@ def export_lora(
         "gralora_configs": adapter.configs})}
     if adapter.base_model:
         header["base_model"] = adapter.base_model
+    if adapter.metadata.get("family"):
+        header["family"] = adapter.metadata["family"]
     if format == "diffusers":
         header["lora_adapter_metadata"] = json.dumps(_diffusers_metadata(entries), sort_keys=True)
     else:  # the kohya/sd-scripts fields A1111 and ComfyUI show
-        header.update({"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
+        header.update({"ss_network_module": "networks.lora", "ss_base_model_version": kohya["ss_base_model_version"],
                        "ss_network_dim": str(max(m.rank for m in modules)), "ss_network_alpha": str(max(m.rank for m in modules))})
 
     def write(tmp: str) -> None:

@@ -9,9 +9,7 @@ The kohya renames themselves are diffusers' `convert_state_dict_to_kohya`; the s
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
 
@@ -82,7 +80,7 @@ def kohya_key(component: str, module: str, layers_per_block: int) -> str:
 
 def diffusers_module(component: str, module: str) -> str:
     """Text-encoder paths with CLIP's `text_model.` (diffusers strips it for models without it, ComfyUI expects it)."""
-    if component != "unet" and not module.startswith("text_model."):
+    if component.startswith("text_encoder") and not module.startswith("text_model."):
         return "text_model." + module
     return module
 
@@ -131,33 +129,13 @@ def _layers_from_names(adapter: AdapterFile) -> int | None:
 
 
 def _base_unet_config(base: str):
-    from .tiny import TINY_MODEL_ID, UNET_CONFIG
+    from .bases.load import base_config
+    from .errors import GraloraConfigError
 
-    if base in (TINY_MODEL_ID, "tiny"):
-        return UNET_CONFIG
-    if base == "world":
-        from .world.model import world_unet
-
-        return world_unet().config
-    path = Path(base) / "unet" / "config.json"
-    try:  # the header's base_model is any string: a name too long for the OS is no folder
-        is_file = path.is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if not is_file:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(base, "unet/config.json")
-        except Exception:  # not a repo id: nothing cached to read
-            return None
-        path = Path(cached) if isinstance(cached, str) else None
-    if path is None or not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ExportError(f"{path}: the base model's UNet config is not readable JSON ({err}); pass --layers-per-block N.") from None
+        return base_config(base, "unet")
+    except GraloraConfigError as err:
+        raise ExportError(f"{err} Pass --layers-per-block N.") from None
 
 
 def _unet_layers(config) -> int:

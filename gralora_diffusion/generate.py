@@ -13,26 +13,19 @@ generate did not write (a training set) is refused before anything loads.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR, torch_dtype
+from .bases import TINY
+from .constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR
 from .errors import GraloraConfigError
 from .numbers import limited
 from .outputs import OWNER_FILE, claim_folder, mark_folder, owner
 
-TINY = "tiny"
 MARKER = OWNER_FILE  # in every folder generate writes to (outputs.py): the images beside it are ours
 OUR_IMAGE = re.compile(r"(grid|\d{2,}_[a-z0-9-]+_seed-?\d+(_a\d+)?_scale[-+.0-9a-z]+)\.png")
-WORLD = "world"  # the tiny SDXL pretrained on the drawn world (gralora_diffusion.world)
-LABEL_WIDTH = 192  # row labels (prompt, seed) left of the grid
-HEADER_HEIGHT = 24  # at least, for the column labels (scale) above it
-FONT_SIZE, LINE_HEIGHT = 12, 14
 
 
 @dataclass
@@ -131,29 +124,6 @@ def prompt_adapters(prompts: list[str], adapters: list[str], pair_in_order: bool
     return out, chosen
 
 
-def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise GraloraConfigError(f"--device {device!r}: not a device; use cpu or cuda (cuda:0, ...).") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise GraloraConfigError(f"--device {device}: torch {torch.__version__} sees no CUDA device here; use --device cpu.")
-    if dtype is not None:
-        dtype = torch_dtype(dtype)
-    return device, dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-
-
-def check_adapter_paths(paths) -> None:
-    """Local adapters that do not exist fail before the (slow) base model loads."""
-    from .errors import AdapterFileError
-    from .sources import looks_like_path
-
-    for path in paths:
-        if isinstance(path, (str, os.PathLike)) and not Path(path).expanduser().exists() and looks_like_path(str(path)):
-            raise AdapterFileError(f"{path}: no such adapter file or folder (and not a Hub repo id).")
-
-
 def check_output_dir(output_dir) -> None:
     """The output rule (outputs.claim_folder) for generate: a new or empty folder, or one generate made
     before; a file, another command's folder, or a folder holding images or captions generate did not
@@ -173,77 +143,8 @@ def _replace_earlier_images(output_dir: Path, say) -> None:
         say(f"Replaced {len(earlier)} images an earlier generate run wrote in {output_dir}/")
 
 
-def load_base_pipeline(base_model: str, device=None, dtype=None, say=print):
-    """`tiny` (the embedded random-weights SDXL), `world` (the embedded one pretrained on the drawn
-    world), a Hub id or a local folder; with the GraLoRA methods.
-    `say` (None: silent) gets one line when loading starts; the libraries' bars and notes stay quiet."""
-    from .quiet import load_pretrained, quiet_libraries
-    from .threads import announce
-
-    device, dtype = default_device_dtype(device, dtype)
-    if base_model not in (TINY, WORLD):
-        from .sources import check_model_path
-
-        check_model_path("--base", str(base_model), "model_index.json", GraloraConfigError)
-    if say:
-        announce(say)
-        say(f"Loading base model {base_model} ...")
-    with quiet_libraries():  # importing diffusers' pipelines makes transformers talk about torchvision
-        from diffusers import StableDiffusionXLPipeline
-
-        from .loader import patch_pipeline
-        from .tiny import tiny_sdxl_pipeline
-        from .world.model import tiny_world_pipeline
-
-        pipe = tiny_sdxl_pipeline(seed=0) if base_model == TINY else tiny_world_pipeline() if base_model == WORLD else None
-    if pipe is None:
-        pipe = load_pretrained(StableDiffusionXLPipeline, str(base_model), "--base", torch_dtype=dtype,
-                               folder_hint="a folder written by save_pretrained (e.g. `gralora-diffusion make-tiny DIR`)")
-    with quiet_libraries():  # a cast says which modules "should be kept in float32", even when none
-        pipe.to(device)
-        if pipe.dtype != dtype:  # only the embedded models get here (from_pretrained loaded the dtype)
-            pipe.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return patch_pipeline(pipe)
-
-
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
-
-
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    # Words joined by two spaces: PIL's default font draws a space 2 px wide, which runs words together.
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line}  {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not line:
-            line = trial
-        else:
-            lines.append(line)
-            line = word
-    return lines + [line] if line else lines
-
-
-def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
-    """Rows x columns of equal-size images, a label column on the left and a header row on top
-    (labels wrapped to their cell: a long column label takes more lines, not its neighbour's space)."""
-    w, h = images[0][0].size
-    font = ImageFont.load_default(size=FONT_SIZE)
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    headers = [_wrap(draw, label, font, w - 6) for label in column_labels]
-    header_height = max(HEADER_HEIGHT, 8 + LINE_HEIGHT * max((len(lines) for lines in headers), default=1))
-    grid = Image.new("RGB", (LABEL_WIDTH + w * len(column_labels), header_height + h * len(row_labels)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, lines in enumerate(headers):
-        for i, line in enumerate(lines):
-            draw.text((LABEL_WIDTH + c * w + 3, 4 + LINE_HEIGHT * i), line, fill="black", font=font)
-    for r, (row, label) in enumerate(zip(images, row_labels)):
-        lines = _wrap(draw, label, font, LABEL_WIDTH - 8)[: max(1, (h - 4) // LINE_HEIGHT)]
-        for i, line in enumerate(lines):
-            draw.text((4, header_height + r * h + 4 + LINE_HEIGHT * i), line, fill="black", font=font)
-        for c, image in enumerate(row):
-            grid.paste(image, (LABEL_WIDTH + c * w, header_height + r * h))
-    return grid
 
 
 def _activate(pipe, names, weights, lora: bool, scale: float, fuse: bool) -> dict:
@@ -255,7 +156,7 @@ def _activate(pipe, names, weights, lora: bool, scale: float, fuse: bool) -> dic
     else:
         pipe.set_gralora_adapters(names, weights)
     if not fuse:
-        return {"cross_attention_kwargs": {"scale": scale}}
+        return {"scale": scale}
     if lora:
         pipe.fuse_lora(lora_scale=scale, adapter_names=names)
     else:
@@ -269,7 +170,7 @@ def _columns(adapters, names, weights, scales, side_by_side: bool) -> list[tuple
     labels = scale_labels(scales)
     if not side_by_side or len(names) < 2:
         return [(names, weights, s, f"scale {label}", f"scale{label}") for s, label in zip(scales, labels)]
-    from .evaluate import adapter_label
+    from .grids import adapter_label
 
     return [([name], [weight], s, f"{adapter_label(path)} {label}", f"a{i}_scale{label}")
             for i, (name, weight, (path, _)) in enumerate(zip(names, weights, adapters)) for s, label in zip(scales, labels)]
@@ -315,6 +216,7 @@ def generate_samples(
     progress: bool = True,
     side_by_side: bool = False,
     per_image_adapters: list | None = None,
+    family: str | None = None,
 ) -> GenerateResult:
     """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
     generate every prompt x seed x scale, save each image and `grid.png` into `output_dir` (new, empty
@@ -322,9 +224,13 @@ def generate_samples(
     of `base_model`. `progress`: a loading line and a bar over the images (False: silent). `side_by_side`:
     a column per adapter (alone) and scale, e.g. a GraLoRA adapter beside its LoRA baseline.
     `per_image_adapters`: per prompt, the index of its adapter in `adapters` (None: the base); all prompts of
-    a seed and scale then go in one batch, each image with its own GraLoRA adapter (`gralora_adapter_names`)."""
+    a seed and scale then go in one batch, each image with its own GraLoRA adapter (`gralora_adapter_names`).
+    `family`: the base's family when model_index.json does not say it (or `tiny` of another family than sdxl)."""
     from .any_adapter import LORA, load_any_adapter
+    from .bases import load_base, render
+    from .grids import labelled_grid
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
+    from .sources import check_adapter_paths
 
     _check_settings(prompts, seeds, scales, steps, height, width, guidance)
     for path, weight in adapters:  # the number rule before anything loads (the loader checks it again)
@@ -334,7 +240,7 @@ def generate_samples(
     if per_image_adapters is not None:
         _check_per_image(per_image_adapters, prompts, adapters, fuse, side_by_side)
     if pipe is None:
-        pipe = load_base_pipeline(base_model, device, dtype, say=print if progress else None)
+        pipe, _ = load_base(base_model, family, device, dtype, say=print if progress else None)
     names = [f"adapter_{i}" for i in range(len(adapters))]
     with quiet_libraries():  # a LoRA's text encoders show transformers' weight-loading bars
         kinds = [load_any_adapter(pipe, path, name) for name, (path, _) in zip(names, adapters)]
@@ -372,10 +278,7 @@ def generate_samples(
                             bar.update(1)
                         continue
                     with quiet_known_noise():  # an fp16 VAE's upcast talks; a cut prompt still says so
-                        images[r][c] = pipe(
-                            prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                            height=height, width=width, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs,
-                        ).images[0]
+                        images[r][c] = render(pipe, prompt, seed, steps, guidance, height, width, negative_prompt, **kwargs)
                     save_image(images[r][c], result.images[r * len(columns) + c])  # as it comes: a stopped run keeps what it made
                     if bar is not None:
                         bar.update(1)
@@ -407,10 +310,12 @@ def _check_per_image(indices, prompts, adapters, fuse: bool, side_by_side: bool)
 def _per_image_batch(pipe, prompts, names, seed: int, **kwargs) -> list:
     """One call for all prompts, image i with adapter names[i]; each image's latents from its own generator
     seeded `seed`, so it is the image a call with its prompt alone would give."""
+    import torch
+
     from .quiet import quiet_known_noise
 
     with quiet_known_noise():
-        return pipe(list(prompts), generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in prompts],
+        return pipe(prompt=list(prompts), generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in prompts],
                     gralora_adapter_names=names, **kwargs).images
 
 

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .adapter_config import scaling
-from .constants import COMPONENTS, TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .constants import COMPONENTS
 from .export import estimate_size, exact_rank, format_size, group_modules
 from .sources import resolve_adapter
 
@@ -19,7 +19,14 @@ KOHYA_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2
 LORA_DOWN = re.compile(r"\.(lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
 LORA_PART = re.compile(r"\.(lora_[AB]|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.(down|up))\.weight$|\.alpha$")
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-KNOWN_TARGETS = sorted({*UNET_PRESETS["attn+ff"], *TEXT_ENCODER_PRESETS["attn+mlp"]}, key=len, reverse=True)
+
+
+def known_targets() -> list[str]:
+    """Every module name any family's presets list, longest first (to name a LoRA module's target)."""
+    from .bases import families
+
+    names = {t for f in families() for presets in f.module.PRESETS.values() for targets in presets.values() for t in targets}
+    return sorted(names, key=len, reverse=True)
 
 
 def adapter_info(path: str | os.PathLike) -> dict:
@@ -55,6 +62,7 @@ def adapter_info(path: str | os.PathLike) -> dict:
         "file_size": source.stat().st_size if source.is_file() else sum(p.stat().st_size for p in source.rglob("*.safetensors")),
         "format_version": int(adapter.metadata.get("format_version", 0)),
         "base_model": adapter.base_model,
+        "family": adapter.metadata.get("family"),  # None: written before families existed (an SDXL adapter)
         "dtype": ", ".join(sorted(dtypes)),
         "params": sum(c["params"] for c in components.values()),
         "components": components,
@@ -77,7 +85,7 @@ def _lora_key(key: str, kohya: bool) -> tuple[str, str]:
 
 def _target(module: str, kohya: bool) -> str:
     """The module's short name (`to_q`, `to_out.0`, `fc1`), as a target list names it."""
-    for name in KNOWN_TARGETS:
+    for name in known_targets():
         if module.endswith(("_" + name.replace(".", "_")) if kohya else ("." + name)) or module == name:
             return name
     return module.rsplit("_" if kohya else ".", 1)[-1]
@@ -155,6 +163,7 @@ def format_info(info: dict) -> str:
         f"file            {info['file']} ({format_size(info['file_size'])})",
         f"kind            GraLoRA adapter, format version {info['format_version']}",
         f"base model      {info['base_model'] or '(not recorded)'}",
+        f"family          {info['family'] or 'sdxl (not recorded: written before families)'}",
         f"dtype           {info['dtype']}",
         f"parameters      {info['params']:,}",
         "",

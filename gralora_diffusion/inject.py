@@ -15,9 +15,10 @@ from peft.tuners.gralora.layer import Linear as PeftGraloraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 
 from .adapter_config import make_config
-from .constants import COMPONENTS, TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .constants import COMPONENTS
 from .errors import GraloraConfigError
 from .layer import GraloraLinear
+from .bases import family_of_pipeline
 
 
 def resolve_targets(targets, presets: dict[str, list[str]]) -> list[str] | str:
@@ -138,6 +139,25 @@ def check_adapter_name(adapter_name) -> None:
         raise GraloraConfigError(f"adapter_name={adapter_name!r} is the name of a torch Module attribute; pick another.")
 
 
+def component_presets(family, component: str, is_denoiser: bool) -> dict[str, list[str]]:
+    """The family's presets for `component`; SDXL's (UNet / CLIP) for pipelines no family knows."""
+    from .bases import DEFAULT_FAMILY, get_family
+
+    if family is not None and component in family.module.PRESETS:
+        return family.presets(component)
+    sdxl = get_family(DEFAULT_FAMILY)
+    return sdxl.presets("unet" if is_denoiser else "text_encoder")
+
+
+def presets_for_model(model: nn.Module, is_text: bool) -> dict[str, list[str]]:
+    """A bare UNet / transformer / text encoder: the presets of the first family that declares its class."""
+    from .bases import component_of_model, family_of_model
+
+    family = family_of_model(model)
+    component = component_of_model(family, model) if family else None
+    return component_presets(family, component, not is_text) if component else component_presets(None, "", not is_text)
+
+
 def add_gralora(
     pipe_or_model,
     r: int = 8,
@@ -149,27 +169,31 @@ def add_gralora(
     text_encoder_targets=None,
     adapter_name: str = "default",
 ) -> dict[str, GraloraConfig]:
-    """Add a GraLoRA adapter to a pipeline (UNet and, if `text_encoder_targets`, both text
-    encoders), or to a bare UNet / text encoder. Returns {component: GraloraConfig}.
+    """Add a GraLoRA adapter to a pipeline (its denoiser, UNet or transformer, with `unet_targets`;
+    and, if `text_encoder_targets`, its adapter-bearing text encoders), or to a bare UNet / transformer /
+    text encoder. Presets are the pipeline family's (`bases`). Returns {component: GraloraConfig}.
 
     Everything is checked before any module changes: a bad argument leaves the model as it was.
     """
     check_adapter_name(adapter_name)
     if isinstance(pipe_or_model, nn.Module):
         is_text = hasattr(pipe_or_model, "config") and hasattr(pipe_or_model.config, "vocab_size")
-        targets = (text_encoder_targets or "attn", TEXT_ENCODER_PRESETS) if is_text else (unet_targets, UNET_PRESETS)
-        wanted = [(type(pipe_or_model).__name__, pipe_or_model, targets)]
+        presets = presets_for_model(pipe_or_model, is_text)
+        wanted = [(type(pipe_or_model).__name__, pipe_or_model, (text_encoder_targets or "attn") if is_text else unet_targets, presets)]
     else:
-        wanted = [(c, m, (unet_targets, UNET_PRESETS) if c == "unet" else (text_encoder_targets, TEXT_ENCODER_PRESETS))
-                  for c in COMPONENTS if (m := getattr(pipe_or_model, c, None)) is not None]
-        wanted = [(c, m, t) for c, m, t in wanted if c == "unet" or text_encoder_targets is not None]
+        family = family_of_pipeline(pipe_or_model)
+        denoiser = family.denoiser if family else "unet"
+        names = family.components if family else getattr(pipe_or_model, "_lora_loadable_modules", COMPONENTS)
+        wanted = [(c, m, unet_targets if c == denoiser else text_encoder_targets, component_presets(family, c, c == denoiser))
+                  for c in names if isinstance(m := getattr(pipe_or_model, c, None), nn.Module)]
+        wanted = [w for w in wanted if w[0] == denoiser or text_encoder_targets is not None]
         if not wanted:
-            raise GraloraConfigError(f"{type(pipe_or_model).__name__} has no unet or text encoder to adapt.")
+            raise GraloraConfigError(f"{type(pipe_or_model).__name__} has no {denoiser} or text encoder to adapt.")
     configs = {}
-    for component, model, (targets, presets) in wanted:
+    for component, model, targets, presets in wanted:
         config = make_config(r, gralora_k, alpha, hybrid_r, dropout, target_modules=resolve_targets(targets, presets))
         check_config(model, config, component, adapter_name)
         configs[component] = config
-    for component, model, _ in wanted:
+    for component, model, *_ in wanted:
         inject_config(model, configs[component], adapter_name)
     return configs

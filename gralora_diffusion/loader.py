@@ -4,8 +4,8 @@ diffusers' `load_lora_weights` builds a `LoraConfig` and cannot read GraLoRA key
 ours. Once loaded, an adapter lives in PEFT's layers (our `GraloraLinear`), so diffusers' own
 calls (`cross_attention_kwargs={"scale": s}`, `set_adapters`, `fuse_lora`) keep working on it.
 
-This is the pipeline layer, a loop over the components `unet`, `text_encoder`, `text_encoder_2`
-(as diffusers' `loaders/lora_base.py`): where an adapter comes from is `sources.py`, what happens to
+This is the pipeline layer, a loop over the pipeline's adapter-bearing components (its
+`_lora_loadable_modules`: `unet` or `transformer`, text encoders; as diffusers' `loaders/lora_base.py`): where an adapter comes from is `sources.py`, what happens to
 each model (fit checks, injection with rollback, removal, fuse state, weights) is `model_ops.py`.
 
 Loading is atomic: the file, its header and every tensor are checked against the pipeline's
@@ -27,6 +27,7 @@ from peft.tuners.gralora.layer import GraloraLayer
 
 from .adapter_config import config_from_header
 from .adapter_file import collect_adapter, save_adapter_file
+from .bases import family_of_pipeline
 from .constants import COMPONENTS, WEIGHT_NAME, torch_dtype
 from .errors import AdapterFileError, GraloraConfigError
 from .hotswap import fit_state_dict
@@ -51,11 +52,11 @@ from .sources import resolve_adapter
 
 
 class GraloraLoaderMixin:
-    """GraLoRA adapter methods for any diffusers pipeline with `unet` / `text_encoder` /
-    `text_encoder_2`. Mix into a pipeline class, or add to an object with `patch_pipeline`."""
+    """GraLoRA adapter methods for any diffusers pipeline with a `unet` or `transformer` (and text encoders). Mix into a pipeline class, or add to an object with `patch_pipeline`."""
 
     def _gralora_components(self, components=None) -> dict[str, nn.Module]:
-        present = {c: getattr(m, "_orig_mod", m) for c in COMPONENTS  # torch.compile's wrapper: the model inside
+        names = getattr(self, "_lora_loadable_modules", None) or COMPONENTS  # diffusers' own list per pipeline
+        present = {c: getattr(m, "_orig_mod", m) for c in names  # torch.compile's wrapper: the model inside
                    if isinstance(m := getattr(self, c, None), nn.Module)}
         if components is None:
             return present
@@ -83,6 +84,9 @@ class GraloraLoaderMixin:
             raise GraloraConfigError(f"No GraLoRA adapter named {adapter_name!r}; this pipeline has {available}.")
         state_dicts, configs = collect_adapter(self._gralora_components(), adapter_name)
         base_model = base_model or getattr(self, "name_or_path", None)
+        family = family_of_pipeline(self)
+        if family is not None:
+            metadata = {"family": family.name, **(metadata or {})}
         path = Path(save_directory) / weight_name
         return save_adapter_file(path, state_dicts, configs, base_model=base_model, metadata=metadata, dtype=dtype)
 
@@ -116,6 +120,7 @@ class GraloraLoaderMixin:
             )
         if any(layer.merged for layer in self._all_gralora_layers()):
             raise GraloraConfigError("GraLoRA adapters are fused into the weights; call unfuse_gralora() before loading another.")
+        check_family(adapter, self)
         present = self._gralora_components()
         absent = [c for c in adapter.configs if c not in present]
         if absent:
@@ -328,6 +333,16 @@ class GraloraLoaderMixin:
             layer.enable_adapters(True)
 
 
+def check_family(adapter, pipe) -> None:
+    """An adapter made for one family does not load into another: one line naming both. A file without the
+    field (written before families existed, or a PEFT folder) is not checked here; check_fits still is."""
+    family = family_of_pipeline(pipe)
+    made_for = adapter.metadata.get("family")
+    if family is not None and made_for and family.name != made_for:
+        raise AdapterFileError(f"{adapter.source}: a GraLoRA adapter for {made_for}, but this pipeline is {family.name} "
+                               f"({type(pipe).__name__}); load it into a {made_for} base.")
+
+
 def check_adapter_weight(weight, what: str, components: list[str]) -> None:
     """One adapter's weight as `set_gralora_adapters` takes it: None, a finite number, or a dict
     {component: weight} with known component keys, the UNet's possibly diffusers' block dict
@@ -371,7 +386,7 @@ def patch_pipeline(pipe):
     if isinstance(pipe, GraloraLoaderMixin):
         return pipe
     if not any(isinstance(getattr(pipe, c, None), nn.Module) for c in COMPONENTS):
-        raise GraloraConfigError(f"{type(pipe).__name__} has no unet / text_encoder / text_encoder_2 to carry GraLoRA adapters.")
+        raise GraloraConfigError(f"{type(pipe).__name__} has no {' / '.join(COMPONENTS)} to carry GraLoRA adapters.")
     cls = type(pipe)
     if cls not in _PATCHED_CLASSES:
         # the mixin first: its __call__ (per-image adapters) wraps the pipeline's

@@ -196,3 +196,10 @@ def _hub_error(repo_id: str, filename: str, subfolder, err: Exception, hub: dict
         todo = f"downloading {where} failed; check the network and the repo id, or pass a local path."
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return AdapterFileError(f"{todo} [huggingface_hub: {type(err).__name__}: {first_line}]")
+
+
+def check_adapter_paths(paths) -> None:
+    """Local adapters that do not exist fail before the (slow) base model loads."""
+    for path in paths:
+        if isinstance(path, (str, os.PathLike)) and not Path(path).expanduser().exists() and looks_like_path(str(path)):
+            raise AdapterFileError(f"{path}: no such adapter file or folder (and not a Hub repo id).")

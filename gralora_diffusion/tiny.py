@@ -143,9 +143,6 @@ def tiny_sdxl_pipeline(seed: int = 0, device=None, dtype=None) -> StableDiffusio
 
 def save_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline with `save_pretrained`, so every `--pretrained_model_name_or_path` path works on it."""
-    from .outputs import claim_folder, mark_folder
+    from .bases import save_tiny
 
-    directory = claim_folder(directory, "make-tiny", "directory", write=False)  # the output rule: new, empty or ours
-    tiny_sdxl_pipeline(seed=seed).save_pretrained(directory)
-    mark_folder(directory, "make-tiny")
-    return directory
+    return save_tiny("sdxl", directory, seed)

@@ -9,7 +9,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import gralora_diffusion as gd
-from gralora_diffusion.constants import COMPONENTS
+from gralora_diffusion.bases.sdxl import PRESETS
+
+COMPONENTS = tuple(PRESETS)  # the tiny SDXL's adapter-bearing components
 
 PROMPT = "a photo of sks teapot"
 ROOT = Path(__file__).resolve().parents[1]

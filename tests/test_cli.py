@@ -38,7 +38,7 @@ def test_console_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "pytorch_gralora_weights.safetensors").is_file()
     assert (tmp_path / "samples" / "final-grid.png").is_file()
-    assert (tmp_path / "tiny-sdxl" / "model_index.json").is_file()
+    assert not (tmp_path / "tiny-sdxl").exists()  # the trainer takes `world` itself: nothing saved just to pass a folder
     assert "Next:" in result.stdout and "pytorch_gralora_weights.safetensors" in result.stdout
 
 

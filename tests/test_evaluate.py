@@ -16,7 +16,8 @@ import gralora_diffusion as gd
 from gralora_diffusion.any_adapter import GRALORA, HUB, LORA, adapter_kind, load_any_adapter, loaded_adapter
 from gralora_diffusion.cli import main as cli_main
 from gralora_diffusion.errors import GraloraConfigError
-from gralora_diffusion.evaluate import adapter_label, evaluate_adapter, format_table
+from gralora_diffusion.evaluate import evaluate_adapter, format_table
+from gralora_diffusion.grids import adapter_label
 from gralora_diffusion.metrics import EmbeddingScorer
 from gralora_diffusion.tiny_scorers import save_tiny_scorers
 

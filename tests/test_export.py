@@ -13,7 +13,7 @@ from safetensors import safe_open
 import gralora_diffusion as gd
 from gralora_diffusion.adapter_file import collect_adapter, read_adapter_file, save_adapter_file
 from gralora_diffusion.cli import main as cli_main
-from gralora_diffusion.constants import COMPONENTS
+from conftest import COMPONENTS
 from gralora_diffusion.export import ExportError, export_lora, group_modules, lora_factors
 from gralora_diffusion.export_names import diffusers_module, kohya_key, resolve_layers_per_block
 from gralora_diffusion.inject import inject_config

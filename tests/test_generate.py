@@ -9,7 +9,8 @@ from PIL import Image
 import gralora_diffusion as gd
 from gralora_diffusion.adapter_file import collect_adapter, read_adapter_file, save_adapter_file
 from gralora_diffusion.cli import main as cli_main
-from gralora_diffusion.generate import HEADER_HEIGHT, LABEL_WIDTH, generate_samples, parse_adapter, parse_scales, scale_labels
+from gralora_diffusion.generate import generate_samples, parse_adapter, parse_scales, scale_labels
+from gralora_diffusion.grids import HEADER_HEIGHT, LABEL_WIDTH
 from gralora_diffusion.tiny import TINY_MODEL_ID
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

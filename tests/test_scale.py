@@ -6,7 +6,7 @@ import torch
 
 import gralora_diffusion as gd
 from conftest import generate, randomize_gralora_B
-from gralora_diffusion.constants import COMPONENTS
+from conftest import COMPONENTS
 
 
 def weights(pipe):

@@ -25,7 +25,7 @@ import gralora_diffusion as gd
 from gralora_diffusion.cli import main
 from gralora_diffusion.constants import CONFIG_NAME, LORA_WEIGHT_NAME, WEIGHT_NAME
 from gralora_diffusion.errors import UnreadableImageError
-from gralora_diffusion.generate import HEADER_HEIGHT, LABEL_WIDTH
+from gralora_diffusion.grids import HEADER_HEIGHT, LABEL_WIDTH
 from gralora_diffusion.tiny import TINY_MODEL_ID
 from gralora_diffusion.train import TrainConfig, TrainConfigError, TrainingError, loop, train
 from gralora_diffusion.train.data import scan_images

@@ -196,8 +196,12 @@ def test_caption_dropout_trains_the_empty_prompt_as_the_pipeline_encodes_it(tmp_
     assert 0 < len(dropped) < len(seen)
     pipe = gd.tiny_sdxl_pipeline(seed=0)
     cfg = TrainConfig(output_dir=str(tmp_path / "x"), dataset_name=str(folder))
-    batch_loss = loss.BatchLoss(cfg, pipe, pipe.unet, (pipe.text_encoder, pipe.text_encoder_2), None, torch.float32, "cpu")
-    embeds, pooled = batch_loss.text_conditioning([EMPTY_PROMPT, "a red square"])
+    from gralora_diffusion.bases import get_family
+
+    batch_loss = loss.BatchLoss(cfg, pipe, get_family("sdxl"), pipe.unet, (pipe.text_encoder, pipe.text_encoder_2), None,
+                                torch.float32, "cpu")
+    cond = batch_loss.text_conditioning([EMPTY_PROMPT, "a red square"])
+    embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
     # SDXL's force_zeros_for_empty_prompt: the pipeline's unconditional embedding is zeros
     _, negative, _, negative_pooled = pipe.encode_prompt("a red square", do_classifier_free_guidance=True)
     assert torch.equal(embeds[0], negative[0]) and torch.equal(pooled[0], negative_pooled[0])

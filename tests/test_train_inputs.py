@@ -204,8 +204,11 @@ def test_prior_loss_uses_both_halves():
 def test_latents_mean_and_std_are_honoured_both_ways():
     from types import SimpleNamespace
 
-    from gralora_diffusion.train.loss import normalize_latents
+    from gralora_diffusion.bases.vae import scale as normalize
     from gralora_diffusion.train.sampling import latent_stats
+
+    def normalize_latents(latents, config):
+        return normalize(SimpleNamespace(vae=SimpleNamespace(config=config)), latents)
 
     config = SimpleNamespace(scaling_factor=0.5, latents_mean=[1.0, 2.0], latents_std=[2.0, 4.0])
     latents = torch.randn(3, 2, 4, 4)

@@ -131,8 +131,8 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     trainable = []
     real_add = loop.add_adapters
 
-    def remember(cfg, pipe):
-        components = real_add(cfg, pipe)
+    def remember(cfg, pipe, family):
+        components = real_add(cfg, pipe, family)
         trainable.extend(p for m in components.values() for p in m.parameters() if p.requires_grad)
         return components
 

@@ -8,7 +8,11 @@ def add_arguments(parser):
     from ..constants import REFERENCE_IMAGES
     from ..metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
-    parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, or `tiny` (embedded, offline; default)")
+    from ..bases import add_family_argument
+
+    parser.add_argument("--base", default="tiny", help="base model: Hub id, local folder, `tiny` (embedded, offline, random; default; "
+                                                      "of --family's kind) or `world` (embedded SDXL, pretrained on the drawn world)")
+    add_family_argument(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
                         help="GraLoRA or plain LoRA file, folder or Hub id, each scored alone; repeat for several")
     parser.add_argument("--instance_data_dir", "--instance-data-dir", type=Path, default=None,
@@ -66,7 +70,7 @@ def run(args) -> int:
         guidance=args.guidance, resolution=args.resolution, negative_prompt=args.negative_prompt,
         dino_model=None if args.dino_model.lower() == "none" else args.dino_model,
         clip_model=None if args.clip_model.lower() == "none" else args.clip_model,
-        output_dir=args.output_dir, json_path=args.json, device=args.device, dtype=args.dtype,
+        output_dir=args.output_dir, json_path=args.json, device=args.device, dtype=args.dtype, family=args.family,
     )
     print(format_table(result))
     print(f"Grid (rows: prompts, columns: {', '.join(v.name for v in result.variants)}; seeds side by side): {result.grid}")

@@ -6,7 +6,11 @@ HELP = "Generate images with GraLoRA (or plain LoRA) adapters: prompts x seeds x
 
 
 def add_arguments(parser):
-    parser.add_argument("--base", default="tiny", help="base SDXL: Hub id, local folder, `tiny` (embedded, offline, random; default) or `world` (embedded, pretrained on the drawn world)")
+    from ..bases import add_family_argument
+
+    parser.add_argument("--base", default="tiny", help="base model: Hub id, local folder, `tiny` (embedded, offline, random; default; "
+                                                      "of --family's kind) or `world` (embedded SDXL, pretrained on the drawn world)")
+    add_family_argument(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="GraLoRA adapter or plain LoRA file (diffusers or kohya keys), its folder or a Hub id, optional "
                              ":weight (default 1); repeat for several, e.g. a GraLoRA and its LoRA baseline side by side")
@@ -49,6 +53,7 @@ def run(args) -> int:
         output_dir=args.output_dir, negative_prompt=args.negative_prompt, seeds=seeds or [0], steps=args.steps,
         guidance=args.guidance, height=args.height, width=args.width, scales=parse_scales(args.scales),
         fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side, per_image_adapters=per_image,
+        family=args.family,
     )
     print(f"Wrote {len(result.images)} images to {result.output_dir}/")
     print(f"Grid (rows: prompt x seed, columns: {', '.join(result.columns)}): {result.grid}")

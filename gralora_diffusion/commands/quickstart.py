@@ -24,13 +24,12 @@ def run(args) -> int:
     from ..world.draw import SIZE
     from ..world.evaluator import WorldEvaluator
     from ..world.measure import quickstart_scores, sample_set
-    from ..world.model import tiny_world_pipeline
+    from ..bases import load_base
 
     start = time.perf_counter()
     out = args.output_dir
-    base = out / "tiny-sdxl"
     cfg = TrainConfig(
-        pretrained_model_name_or_path=str(base), instance_data_dir=str(args.instance_data_dir), instance_prompt=PROMPT,
+        pretrained_model_name_or_path="world", instance_data_dir=str(args.instance_data_dir), instance_prompt=PROMPT,
         output_dir=str(out), resolution=SIZE, random_flip=True, train_batch_size=2, max_train_steps=args.max_train_steps,
         learning_rate=LEARNING_RATE, rank=8, gralora_k=2, seed=args.seed, checkpointing_steps=max(1, args.max_train_steps),
         validation_prompt=PROMPT, num_validation_images=4, num_inference_steps=20,
@@ -39,14 +38,13 @@ def run(args) -> int:
         num_class_images=16, sample_batch_size=16,
         overwrite_output_dir=True,  # quickstart's own folder (claimed below): a rerun replaces the demo
     )
-    cfg.validate(need_model=False)  # bad flags fail before anything is written
+    cfg.validate()  # bad flags fail before anything is written
     claim_folder(out, "quickstart", "--output_dir", protected=[args.instance_data_dir])  # the output rule: new, empty or ours
     instances = scan_images(cfg.instance_data_dir, cfg.instance_prompt)
     announce()  # the CPU thread choice, once the arguments have passed
-    print(f"1/4 Writing the tiny SDXL pretrained on the drawn world (shipped weights) to {base} ...")
-    with quiet_libraries():  # only our own bars: no component-loading or shard-writing bars from the libraries
-        pipe = tiny_world_pipeline()
-        pipe.save_pretrained(base)
+    print("1/4 Loading the tiny SDXL pretrained on the drawn world (shipped weights) ...")
+    with quiet_libraries():  # only our own bars: no component-loading bars from the libraries
+        pipe, _ = load_base("world", device="cpu", dtype="fp32", say=None)
     print("2/4 Sampling the grid's prompts before training ...")
     before = sample_set(pipe)
     print(f"3/4 Training a GraLoRA adapter (r=8, k=2) on {args.instance_data_dir} for {args.max_train_steps} steps at {SIZE} px, batch 2 ...")
@@ -64,7 +62,7 @@ def run(args) -> int:
 
 def before_after_grid(before: dict, after: dict, seeds=(0, 1), zoom: int = 2):
     """Rows: the prompts; columns: seeds before training, then the same seeds after."""
-    from ..generate import labelled_grid
+    from ..grids import labelled_grid
 
     def big(image):
         return image.resize((image.width * zoom, image.height * zoom), resample=0)  # nearest: show the pixels

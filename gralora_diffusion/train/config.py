@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bases import FAMILY_NAMES, embedded_names
 from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from ..errors import GraloraConfigError, TrainConfigError
 from ..choices import check_choices
@@ -46,7 +47,9 @@ def _opt(help_text: str, **extra):
 @dataclass
 class TrainConfig:
     # model
-    pretrained_model_name_or_path: str | None = _opt("base SDXL: Hub id or local folder (e.g. from `gralora-diffusion make-tiny`)")
+    pretrained_model_name_or_path: str | None = _opt("base model: Hub id, local folder (e.g. from `gralora-diffusion make-tiny`), "
+                                                     "`tiny` (random, offline) or `world` (the tiny SDXL pretrained on the drawn world)")
+    family: str | None = _opt("base family (default: read from the model's model_index.json; `tiny` is sdxl)", choices=FAMILY_NAMES)
     pretrained_vae_model_name_or_path: str | None = _opt("a better VAE (e.g. madebyollin/sdxl-vae-fp16-fix); runs in the weight dtype")
     revision: str | None = _opt("revision of the base model on the Hub")
     variant: str | None = _opt("weights variant of the base model, e.g. fp16")
@@ -260,7 +263,7 @@ class TrainConfig:
             self._check_hub_repo_id()
         if self.aspect_buckets:
             self.bucket_list()
-        if need_model:
+        if need_model and self.pretrained_model_name_or_path not in embedded_names():
             check_model_path("--pretrained_model_name_or_path", self.pretrained_model_name_or_path, "model_index.json")
         if self.pretrained_vae_model_name_or_path:
             check_model_path("--pretrained_vae_model_name_or_path", self.pretrained_vae_model_name_or_path, "config.json")
@@ -365,9 +368,16 @@ class TrainConfig:
     def _check_targets(self) -> None:
         """Presets, module-name lists and regexes as `add_adapters` will read them; a bare word that is
         no preset is a typo (as a regex it would only match a top-level module, never a Linear)."""
-        from ..inject import TEXT_ENCODER_PRESETS, UNET_PRESETS, resolve_targets
+        from ..inject import resolve_targets
 
-        for name, presets in (("unet_targets", UNET_PRESETS), ("text_encoder_targets", TEXT_ENCODER_PRESETS)):
+        family = self.base_family()
+        if self.train_text_encoder and not family.trainable_text_encoders:
+            raise TrainConfigError(f"--train_text_encoder: {family.name} has no text encoder DreamBooth trains here "
+                                   "(its T5 / LLM encoders stay frozen); leave the flag out.")
+        checks = [("unet_targets", family.presets(family.denoiser))]
+        if family.trainable_text_encoders:
+            checks.append(("text_encoder_targets", family.presets(family.trainable_text_encoders[0])))
+        for name, presets in checks:
             value = getattr(self, name)
             if value not in presets and re.fullmatch(r"[\w+-]+", value):
                 close = difflib.get_close_matches(value, list(presets), n=1)
@@ -380,6 +390,18 @@ class TrainConfig:
                 resolve_targets(self.targets(value), presets)
             except GraloraConfigError as err:
                 raise TrainConfigError(f"--{name}: {err}") from None
+
+    def base_family(self):
+        """The base's family as far as it is known before loading (--family, the embedded name, model_index.json);
+        sdxl when nothing says (a Hub id not cached yet: the loaded pipeline's class decides then)."""
+        from ..bases import DEFAULT_FAMILY, base_family, get_family
+
+        try:
+            found = base_family(self.pretrained_model_name_or_path, self.family, "--pretrained_model_name_or_path") \
+                if self.pretrained_model_name_or_path else None
+            return found or get_family(self.family or DEFAULT_FAMILY)
+        except GraloraConfigError as err:
+            raise TrainConfigError(str(err)) from None
 
     def _check_adapter(self) -> None:
         if self.adapter == "lora" and self.hybrid_r:

@@ -1,4 +1,4 @@
-"""The DreamBooth training loop for SDXL in named stages: `setup` (settings and data checked, base
+"""The DreamBooth training loop in named stages: `setup` (settings and data checked, base
 model loaded, class images generated if needed, adapters added, optimizer, resume) returns a `Run`;
 the loop in `train` then calls `accumulate` per micro-batch, `update` per optimizer step,
 `checkpoint` and `sample` on their schedules, and `finish` at the end. Distribution is Accelerate's.
@@ -27,7 +27,7 @@ from .data import DreamBoothDataset, EpochBatches, collate, count_images, ensure
 from .hf_dataset import StreamBatches, data_fingerprint, instance_records
 from .checkpoint import check_checkpoint, load_training_state, run_history, save_training_state, shaping_settings
 from .lock import output_dir_lock
-from .loss import BatchLoss
+from .loss import BatchLoss, training_scheduler
 from .model import add_adapters, freeze_and_place, load_pipeline, make_optimizer, param_groups
 from .sampling import generate_images, generate_samples, sample_metrics, sample_scorers, save_samples, step_bar
 from .select import BEST_FOLDER, BestTracker
@@ -52,6 +52,7 @@ class Run:
     cfg: TrainConfig
     accelerator: Any
     pipe: Any
+    family: Any  # bases.Family
     components: dict  # trained models (unwrapped) by component name
     wrapped: dict  # the same, as accelerator.prepare returned them
     params: list  # every trainable parameter
@@ -97,7 +98,7 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
 
 def train(cfg: TrainConfig, pipeline=None, on_step: Callable[[int, float], None] | None = None,
           command: str = "gralora-diffusion train") -> TrainResult:
-    """Train an adapter as `cfg` says. `pipeline`: an SDXL pipeline already in memory (then
+    """Train an adapter as `cfg` says. `pipeline`: a pipeline of a registered family already in memory (then
     `--pretrained_model_name_or_path` only names it in the outputs). `on_step(step, loss)` runs
     after every update on every process. `command` starts the resume command that an interrupted
     run (Ctrl-C, an unreadable image) prints."""
@@ -181,7 +182,6 @@ def make_accelerator(cfg: TrainConfig):
 def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=None) -> Run:
     """Base model, class images, adapters, data, optimizer and schedule, then the resumed state."""
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
 
     main, out, device = accelerator.is_main_process, Path(cfg.output_dir), accelerator.device
@@ -202,23 +202,27 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
         try:
-            pipe = load_pipeline(cfg)
+            pipe, family = load_pipeline(cfg)
         finally:
             if shown:
                 transformers_logging.enable_progress_bar()
+    else:
+        from ..bases import family_of_pipeline, get_family
+
+        family = get_family(cfg.family) if cfg.family else family_of_pipeline(pipe)
+        if family is None:
+            raise TrainingError(f"train: a {type(pipe).__name__} belongs to no registered family; pass --family.")
     freeze_and_place(cfg, pipe, device, weight_dtype)
     with class_generation_precision(cfg, pipe, accelerator, weight_dtype) as autocast:
         classes = class_images(cfg, accelerator, pipe, autocast, resume_from[1])  # from the base model, before any adapter
 
     set_seed(cfg.seed)  # the same initial adapter on every process
-    components = add_adapters(cfg, pipe)
+    components = add_adapters(cfg, pipe, family)
     if weight_dtype != torch.float32:  # trainable weights in fp32 under mixed precision
         cast_training_params(list(components.values()), dtype=torch.float32)
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
-            pipe.text_encoder_2.gradient_checkpointing_enable()
+        for name, model in components.items():  # diffusers' and transformers' names for the same switch
+            (model.enable_gradient_checkpointing if name == family.denoiser else model.gradient_checkpointing_enable)()
     for model in components.values():
         model.train()
     params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in components.items()}
@@ -230,9 +234,9 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
                                 interpolation=cfg.image_interpolation_mode, caption_dropout=cfg.caption_dropout)
     shard = (cfg.train_batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
     batches = StreamBatches(cfg, dataset, *shard) if cfg.streaming else EpochBatches(dataset, *shard)
-    run = make_run(cfg, accelerator, pipe, components, params, dataset, batches)
-    run.batch_loss = BatchLoss(cfg, pipe, run.wrapped["unet"], (run.wrapped.get("text_encoder", pipe.text_encoder),
-                               run.wrapped.get("text_encoder_2", pipe.text_encoder_2)), DDPMScheduler.from_config(pipe.scheduler.config),
+    run = make_run(cfg, accelerator, pipe, family, components, params, dataset, batches)
+    text_encoders = tuple(run.wrapped.get(name, getattr(pipe, name)) for name in family.trainable_text_encoders)
+    run.batch_loss = BatchLoss(cfg, pipe, family, run.wrapped[family.denoiser], text_encoders, training_scheduler(pipe, family),
                                weight_dtype, device, data_fingerprint([*dataset.instances, *dataset.classes]))
     run.history = run_history(cfg, resume_from[1])
     if main:
@@ -309,7 +313,7 @@ def class_images(cfg: TrainConfig, accelerator, pipe, autocast=contextlib.nullco
     return records
 
 
-def make_run(cfg, accelerator, pipe, components: dict, params: dict, dataset, batches) -> Run:
+def make_run(cfg, accelerator, pipe, family, components: dict, params: dict, dataset, batches) -> Run:
     """The run's length; optimizer, schedule and EMA over the adapter weights; models and optimizer
     through prepare()."""
     from diffusers.optimization import get_scheduler
@@ -318,14 +322,14 @@ def make_run(cfg, accelerator, pipe, components: dict, params: dict, dataset, ba
     updates_per_epoch = math.ceil(len(batches) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
     all_params = [p for ps in params.values() for p in ps]
-    optimizer = make_optimizer(cfg, param_groups(cfg, params, accelerator.num_processes))
+    optimizer = make_optimizer(cfg, param_groups(cfg, params, accelerator.num_processes, family.denoiser))
     # Not passed to prepare(): we step it once per update ourselves (Accelerate would step it once
     # per process), so the schedule is the same with 1 or N processes.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     ema = EMAModel(all_params, decay=cfg.ema_decay) if cfg.use_ema else None
     prepared = accelerator.prepare(*components.values(), optimizer)
-    return Run(cfg, accelerator, pipe, components, dict(zip(components, prepared[:-1])), all_params, prepared[-1],
+    return Run(cfg, accelerator, pipe, family, components, dict(zip(components, prepared[:-1])), all_params, prepared[-1],
                lr_scheduler, ema, dataset, batches, max_steps, updates_per_epoch)
 
 
@@ -479,7 +483,7 @@ def finish(run: Run) -> TrainResult:
         run.ema.copy_to(run.params)
     weights_path = grid = None
     if run.accelerator.is_main_process:
-        weights_path = save_final_adapter(run.cfg, run.components, run.out, run.history)
+        weights_path = save_final_adapter(run.cfg, run.components, run.out, run.history, run.family)
         run.say(f"Saved the {run.cfg.adapter} adapter to {weights_path}")
         if run.cfg.output_kohya_format:
             from ..export import export_lora

@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import torch
 
-from ..constants import TEXT_ENCODER_PRESETS, UNET_PRESETS
 from ..errors import TrainConfigError
 
 
 def load_pipeline(cfg):
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    """(pipeline, Family) for --pretrained_model_name_or_path: `tiny`, `world`, a folder or a Hub id (bases.load_base)."""
+    import torch
 
+    from ..bases import load_base
     from ..threads import announce
 
     announce()
-
-    kwargs = {"revision": cfg.revision, "variant": cfg.variant}
-    try:
-        if cfg.pretrained_vae_model_name_or_path:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path, revision=cfg.revision)
-        return StableDiffusionXLPipeline.from_pretrained(cfg.pretrained_model_name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise TrainConfigError(
-            f"cannot load the base model {cfg.pretrained_model_name_or_path!r}: {str(err).splitlines()[0]} "
-            "Give a Hub id (online or in the local cache) or a folder written by save_pretrained."
-        ) from None
+    return load_base(cfg.pretrained_model_name_or_path, cfg.family, "cpu", torch.float32, say=None,
+                     flag="--pretrained_model_name_or_path", revision=cfg.revision, variant=cfg.variant,
+                     vae=cfg.pretrained_vae_model_name_or_path, error=TrainConfigError)
 
 
 def place(model, device, dtype) -> None:
@@ -34,37 +27,39 @@ def place(model, device, dtype) -> None:
 
 
 def freeze_and_place(cfg, pipe, device, weight_dtype) -> None:
-    """Base model frozen; UNet and text encoders in the weight dtype, the VAE in fp32 (SDXL's own VAE
+    """Base model frozen; denoiser and text encoders in the weight dtype, the VAE in fp32 (SDXL's own VAE
     overflows in fp16; a user-given one, such as the fp16-fix, runs in the weight dtype)."""
     pipe.set_progress_bar_config(disable=True)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    models = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    for model in models.values():
         model.requires_grad_(False)
-    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        place(model, device, weight_dtype)
+    for name, model in models.items():
+        if name != "vae":
+            place(model, device, weight_dtype)
     place(pipe.vae, device, weight_dtype if cfg.pretrained_vae_model_name_or_path else torch.float32)
 
 
-def add_adapters(cfg, pipe) -> dict:
-    """GraLoRA through our `add_gralora`, or plain LoRA through PEFT with the same rank and alpha."""
+def add_adapters(cfg, pipe, family) -> dict:
+    """GraLoRA through our `add_gralora`, or plain LoRA through PEFT with the same rank and alpha, on the
+    family's denoiser (--unet_targets) and, with --train_text_encoder, its trainable text encoders."""
     from ..inject import add_gralora, resolve_targets
 
-    components = {"unet": pipe.unet}
+    components = {family.denoiser: getattr(pipe, family.denoiser)}
     if cfg.train_text_encoder:
-        components |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        components |= {name: getattr(pipe, name) for name in family.trainable_text_encoders}
     for name, model in components.items():
-        targets = cfg.targets(cfg.unet_targets if name == "unet" else cfg.text_encoder_targets)
+        flag = "unet_targets" if name == family.denoiser else "text_encoder_targets"
+        targets = resolve_targets(cfg.targets(getattr(cfg, flag)), family.presets(name))
         if cfg.adapter == "gralora":
             add_gralora(model, r=cfg.rank, gralora_k=cfg.gralora_k, alpha=cfg.resolved_alpha, hybrid_r=cfg.hybrid_r,
                         dropout=cfg.dropout, unet_targets=targets, text_encoder_targets=targets)
             continue
         from peft import LoraConfig
 
-        presets = UNET_PRESETS if name == "unet" else TEXT_ENCODER_PRESETS
         try:
             model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
-                                         init_lora_weights="gaussian", target_modules=resolve_targets(targets, presets)))
+                                         init_lora_weights="gaussian", target_modules=targets))
         except ValueError as err:  # PEFT: the targets match no module (NoMatchingPeftModuleError from 0.20)
-            flag = "unet_targets" if name == "unet" else "text_encoder_targets"
             raise TrainConfigError(f"--{flag} {getattr(cfg, flag)!r} ({name}): {str(err).splitlines()[0]}") from None
     return components
 
@@ -84,12 +79,13 @@ def make_optimizer(cfg, groups: list[dict]):
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def param_groups(cfg, params: dict, num_processes: int) -> list[dict]:
-    """UNet adapters at --learning_rate, text-encoder adapters at --text_encoder_lr (x batch with --scale_lr)
+def param_groups(cfg, params: dict, num_processes: int, denoiser: str = "unet") -> list[dict]:
+    """Denoiser adapters at --learning_rate, text-encoder adapters at --text_encoder_lr (x batch with --scale_lr)
     and --adam_weight_decay_text_encoder when given."""
     scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes if cfg.scale_lr else 1
-    groups = [{"params": params["unet"], "lr": cfg.learning_rate * scale}]
-    if cfg.train_text_encoder:
+    groups = [{"params": params[denoiser], "lr": cfg.learning_rate * scale}]
+    text = [p for name, ps in params.items() if name != denoiser for p in ps]
+    if cfg.train_text_encoder and text:
         decay = {} if cfg.adam_weight_decay_text_encoder is None else {"weight_decay": cfg.adam_weight_decay_text_encoder}
-        groups.append({"params": params["text_encoder"] + params["text_encoder_2"], "lr": cfg.text_encoder_lr * scale, **decay})
+        groups.append({"params": text, "lr": cfg.text_encoder_lr * scale, **decay})
     return groups

@@ -1,5 +1,5 @@
 """Sample images during and after training: every validation prompt x N seeds, saved one by one
-and as a grid labelled with the prompts (rows) and seeds (columns), with `generate.labelled_grid`.
+and as a grid labelled with the prompts (rows) and seeds (columns), with `grids.labelled_grid`.
 Each long step has its own progress bar, below the training bar (`step_bar`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import labelled_grid
+from ..grids import labelled_grid
 
 
 def step_bar(total: int, desc: str, unit: str = "step", position: int = 1):
@@ -39,12 +39,18 @@ def generate_images(pipeline, prompts: list[str], generators: list, resolution: 
         on_step()  # tqdm's update returns True when it redrew: not what the pipeline wants back
         return kwargs
 
+    from ..bases import family_of_pipeline
+
+    family = family_of_pipeline(pipeline)
+    manual_decode = family is None or family.decode_outside_autocast
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         with autocast():
-            latents = pipeline(prompts, num_inference_steps=steps, height=resolution, width=resolution,
-                               generator=generators, output_type="latent",
-                               callback_on_step_end=callback if on_step is not None else None).images
-        latents = latents.to(vae.dtype)
+            images = pipeline(prompt=prompts, num_inference_steps=steps, height=resolution, width=resolution,
+                              generator=generators, output_type="latent" if manual_decode else "pil",
+                              callback_on_step_end=callback if on_step is not None else None).images
+        if not manual_decode:  # the pipeline unpacks and decodes its own latents (packed DiT layouts)
+            return images
+        latents = images.to(vae.dtype)
         stats = latent_stats(vae.config, latents)
         latents = latents / vae.config.scaling_factor if stats is None else latents * stats[1] / vae.config.scaling_factor + stats[0]
         return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")

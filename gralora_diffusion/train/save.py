@@ -23,7 +23,7 @@ from ..adapter_file import atomic_write, cast_checked, collect_adapter, save_ada
 from ..errors import TrainingError
 
 
-def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[dict] | None = None) -> Path:
+def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[dict] | None = None, family=None) -> Path:
     """GraLoRA: our adapter file, base model id and instance prompt in the header.
     LoRA: diffusers' format through `save_lora_weights`, so stock `load_lora_weights` reads it.
     Tensors in `--save_precision` (fp32 as trained, or fp16/bf16 as kohya users expect)."""
@@ -32,8 +32,10 @@ def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[di
     def cast(tensor, name):  # refused if a value overflows the dtype (the checkpoints keep fp32)
         return cast_checked(tensor.detach(), dtype, f"--save_precision {cfg.save_precision}: {name}", TrainingError)
 
+    from ..bases import DEFAULT_FAMILY, get_family
+
+    family = get_family(family or DEFAULT_FAMILY)
     if cfg.adapter == "lora":
-        from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
         kwargs = {}
@@ -42,11 +44,12 @@ def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[di
             kwargs[f"{name}_lora_layers"] = {k: cast(v, k) for k, v in layers.items()}
             # the LoraConfig (alpha = 2r by default) goes in the header; without it loaders assume alpha = r
             kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-        StableDiffusionXLPipeline.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
+        family.pipeline_class.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
         return output_dir / LORA_WEIGHT_NAME
     state_dicts, configs = collect_adapter(components, adapter_name="default")
     state_dicts = {c: {k: cast(v, f"{c}.{k}") for k, v in sd.items()} for c, sd in state_dicts.items()}
-    metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg, history))}
+    metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg, history)),
+                "family": family.name}
     return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=cfg.pretrained_model_name_or_path, metadata=metadata)
 
 
