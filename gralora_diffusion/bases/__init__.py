@@ -210,9 +210,17 @@ def embedded_names() -> tuple[str, ...]:
     return (TINY, *(n for f in families() for n in f.embedded))
 
 
+def call_parameters(pipe) -> dict:
+    """The parameters of the diffusers pipeline's own __call__ (a patched pipeline's mixin wraps it with *args, **kwargs)."""
+    cls = pipe if isinstance(pipe, type) else type(pipe)
+    call = next(k.__dict__["__call__"] for k in cls.__mro__
+                if "__call__" in k.__dict__ and not k.__module__.startswith("gralora_diffusion"))
+    return inspect.signature(call).parameters
+
+
 def scale_kwargs(pipe, scale: float) -> dict:
     """The per-call adapter scale as this pipeline (or pipeline class) takes it in __call__ (diffusers names it per pipeline)."""
-    params = inspect.signature((pipe if isinstance(pipe, type) else type(pipe)).__call__).parameters
+    params = call_parameters(pipe)
     name = next((n for n in SCALE_KWARGS if n in params), None)
     if name is None:
         raise GraloraConfigError(f"{type(pipe).__name__} takes no per-call adapter scale; use fuse or set_adapters.")
@@ -221,7 +229,7 @@ def scale_kwargs(pipe, scale: float) -> dict:
 
 def call_kwargs(pipe, **kwargs) -> dict:
     """`kwargs` without those this pipeline's __call__ does not take (FLUX has no negative_prompt)."""
-    params = inspect.signature(type(pipe).__call__).parameters
+    params = call_parameters(pipe)
     return {k: v for k, v in kwargs.items() if k in params}
 
 
