@@ -112,6 +112,13 @@ def comparable(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in NOT_SHAPING}))
 
 
+def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
+    """The settings in which a run recorded as `saved` differs from `cfg`. A setting the record lacks
+    (added by a later version) counts as its default, so an upgrade keeps finished runs."""
+    now, defaults, saved = comparable(cfg), comparable(TrainConfig()), saved or {}
+    return sorted(k for k, v in now.items() if saved.get(k, defaults.get(k)) != v)
+
+
 @dataclass
 class Evaluation:
     """What every column is scored with. `pipe` holds the base as --quantize_base loads it; a variant with
@@ -279,8 +286,8 @@ def run_one(variant: Variant, rcfg: TrainConfig, base: str, ev: Evaluation, bar)
 
     folder = Path(rcfg.output_dir)
     record = read_record(folder)
-    if record and record.get("config") != comparable(rcfg):
-        changed = sorted(k for k, v in comparable(rcfg).items() if record.get("config", {}).get(k) != v)
+    changed = changed_settings(record.get("config"), rcfg) if record else []
+    if changed:
         raise GraloraConfigError(f"{folder}: trained with other settings ({', '.join(changed)}); give another "
                                  f"--output_dir, or remove {folder} to train it again.")
     bar.set_postfix_str(f"{variant.name} seed {rcfg.seed}")
