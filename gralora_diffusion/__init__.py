@@ -8,6 +8,9 @@ Names are imported on first use (PEP 562), so `import gralora_diffusion` and the
 from importlib import import_module
 
 from .errors import AdapterFileError, GraloraConfigError, GraloraError
+from .quiet import drop_import_noise
+
+drop_import_noise()  # before diffusers imports torchao / bitsandbytes, whose import logs CPU-build noise
 
 __version__ = "0.1.0"
 

@@ -36,8 +36,8 @@ from .errors import GraloraConfigError, TrainConfigError
 from .train.config import TrainConfig
 
 ALIASES = {"r": "rank", "k": "gralora_k", "lr": "learning_rate"}
-VARIANT_KEYS = ("rank", "gralora_k", "hybrid_r", "alpha", "dropout", "learning_rate", "unet_targets")
-SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", "unet_targets": "t"}
+VARIANT_KEYS = ("rank", "gralora_k", "hybrid_r", "alpha", "dropout", "learning_rate", "unet_targets", "quantize_base")
+SHORT = {"rank": "r", "gralora_k": "k", "hybrid_r": "h", "learning_rate": "lr", "unet_targets": "t", "quantize_base": "q"}
 RUN_FILE, LOG_FILE = "run.json", "train.log"
 # Settings that change no trained weight: a finished run still counts when only these differ.
 NOT_SHAPING = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "checkpointing_steps",
@@ -53,7 +53,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """Folder and column name: 'gralora_r32_k2', 'gralora_r16_k2_h8', 'lora_r32'."""
+        """Folder and column name: 'gralora_r32_k2', 'gralora_r16_k2_h8', 'lora_r32', 'gralora_r8_k2_qint8'."""
         parts = [f"{SHORT.get(k, k)}{v}" for k, v in self.settings[1:] if k != "use_dora"]
         kind = "dora" if dict(self.settings).get("use_dora") else self.adapter
         return re.sub(r"[^\w.+-]", "-", "_".join([kind, *parts]))
@@ -65,7 +65,7 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """'gralora:r=32,k=2,hybrid_r=8', 'lora:r=32' or 'dora:r=8' (PEFT's DoRA, the LoRA baseline with
-    --use_dora) -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets)."""
+    --use_dora) -> Variant (keys: r, k, hybrid_r, alpha, dropout, lr, unet_targets, quantize_base)."""
     kind, _, rest = text.strip().partition(":")
     example = "e.g. gralora:r=32,k=2, lora:r=32 or dora:r=8"
     if kind not in ("gralora", "lora", "dora"):
@@ -77,7 +77,7 @@ def parse_variant(text: str) -> Variant:
         key = ALIASES.get(key.strip(), key.strip())
         if not sep or key not in VARIANT_KEYS:
             raise GraloraConfigError(f"--variants {text!r}: {item!r} is not KEY=VALUE with KEY one of r, k, hybrid_r, "
-                                     f"alpha, dropout, lr, unet_targets ({example}).")
+                                     f"alpha, dropout, lr, unet_targets, quantize_base ({example}).")
         kind_of = next(t for t in (typing.get_args(hints[key]) or (hints[key],)) if t is not type(None))
         try:
             settings[key] = kind_of(value.strip())
@@ -111,9 +111,17 @@ def comparable(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in NOT_SHAPING}))
 
 
+def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
+    """The settings in which a run recorded as `saved` differs from `cfg`. A setting the record lacks
+    (added by a later version) counts as its default, so an upgrade keeps finished runs."""
+    now, defaults, saved = comparable(cfg), comparable(TrainConfig()), saved or {}
+    return sorted(k for k, v in now.items() if saved.get(k, defaults.get(k)) != v)
+
+
 @dataclass
 class Evaluation:
-    """What every column is scored with."""
+    """What every column is scored with. `pipe` holds the base as --quantize_base loads it; a variant with
+    its own quantize_base is scored on the base quantized that way (`pipe_for`), the one it trained over."""
     pipe: typing.Any
     scorers: list
     prompts: list[str]
@@ -121,6 +129,19 @@ class Evaluation:
     steps: int
     guidance: float
     resolution: int
+    base: str = ""
+    quantize_base: str = "none"
+    family: str | None = None
+    others: dict = dataclasses.field(default_factory=dict)
+
+    def pipe_for(self, quantize_base: str):
+        if quantize_base == self.quantize_base:
+            return self.pipe
+        if quantize_base not in self.others:
+            from .bases import load_base
+
+            self.others[quantize_base] = load_base(self.base, self.family, say=None, quantize_base=quantize_base)[0]
+        return self.others[quantize_base]
 
     def settings(self) -> dict:
         return {"prompts": self.prompts, "seeds": self.seeds, "steps": self.steps, "guidance": self.guidance,
@@ -264,8 +285,8 @@ def run_one(variant: Variant, rcfg: TrainConfig, base: str, ev: Evaluation, bar)
 
     folder = Path(rcfg.output_dir)
     record = read_record(folder)
-    if record and record.get("config") != comparable(rcfg):
-        changed = sorted(k for k, v in comparable(rcfg).items() if record.get("config", {}).get(k) != v)
+    changed = changed_settings(record.get("config"), rcfg) if record else []
+    if changed:
         raise GraloraConfigError(f"{folder}: trained with other settings ({', '.join(changed)}); give another "
                                  f"--output_dir, or remove {folder} to train it again.")
     bar.set_postfix_str(f"{variant.name} seed {rcfg.seed}")
@@ -276,7 +297,7 @@ def run_one(variant: Variant, rcfg: TrainConfig, base: str, ev: Evaluation, bar)
     else:
         bar.update(record["train"]["steps"])
     if record.get("evaluation") != ev.settings() or "metrics" not in record:
-        result = evaluate_variant(ev.pipe, variant.name, folder / record["train"]["weights"], ev.scorers, ev.prompts, ev.seeds,
+        result = evaluate_variant(ev.pipe_for(rcfg.quantize_base), variant.name, folder / record["train"]["weights"], ev.scorers, ev.prompts, ev.seeds,
                                   ev.steps, ev.guidance, ev.resolution, adapter_name="compare", progress=bar)
         save_images(folder / EVAL_FOLDER, result.images)
         record |= {"evaluation": ev.settings(), "kind": result.kind, "metrics": result.metrics}
@@ -292,13 +313,14 @@ def run_base(out: Path, base: str, ev: Evaluation, bar) -> dict:
 
     folder = out / BASE_FOLDER
     record = read_record(folder)
-    if record.get("evaluation") != ev.settings() or record.get("base_model") != base:
+    if (record.get("evaluation") != ev.settings() or record.get("base_model") != base
+            or record.get("quantize_base", "none") != ev.quantize_base):
         bar.set_postfix_str(BASE_LABEL)
         result = evaluate_variant(ev.pipe, BASE_LABEL, None, ev.scorers, ev.prompts, ev.seeds, ev.steps, ev.guidance,
                                   ev.resolution, progress=bar)
         save_images(folder / EVAL_FOLDER, result.images)
         folder.mkdir(parents=True, exist_ok=True)
-        record = {"base_model": base, "evaluation": ev.settings(), "metrics": result.metrics}
+        record = {"base_model": base, "quantize_base": ev.quantize_base, "evaluation": ev.settings(), "metrics": result.metrics}
         write_record(folder, record)
     else:
         bar.update(ev.images)
@@ -365,13 +387,14 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
     announce()  # the CPU thread rule, for Python callers too
     scorers = instance_scorers(reference_images(cfg), cfg.instance_prompt, dino, clip, default_device_dtype(None)[0], base)
     with quiet_libraries():
-        pipe, family = load_base(base, cfg.family)
+        pipe, family = load_base(base, cfg.family, quantize_base=cfg.quantize_base)
     if cfg.resolution is None:  # the base's own size for every run and the evaluation, said once
         cfg.resolution = family.default_resolution(pipe)
         for _, rcfg in runs:
             rcfg.resolution = cfg.resolution
         print(f"Resolution: {cfg.resolution} px, the base's own (sample size x VAE factor); change with --resolution N")
-    ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution)
+    ev = Evaluation(pipe, scorers, prompts, [int(s) for s in eval_seeds], cfg.num_inference_steps, guidance, cfg.resolution,
+                    base, cfg.quantize_base, cfg.family)
     bar = tqdm(total=len(runs) * estimated_steps(cfg) + (len(runs) + 1) * ev.images, desc="compare", unit="step",
                disable=not progress)
     records: dict[str, list[dict]] = {}

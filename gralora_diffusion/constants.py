@@ -31,6 +31,9 @@ REFERENCE_IMAGES = 64
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
+# --quantize_base choices (gralora_diffusion/quantize.py maps each to a diffusers quantization config).
+QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp8")
+
 # dtype names a user may write, to torch's attribute names.
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                "bf16": "bfloat16", "bfloat16": "bfloat16"}

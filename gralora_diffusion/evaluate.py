@@ -232,6 +232,7 @@ def evaluate_adapter(
     dtype=None,
     progress=True,
     family: str | None = None,
+    quantize_base: str = "none",
 ) -> EvaluationResult:
     """Score the base model alone (`include_base`) and each adapter alone on DreamBooth's metrics.
 
@@ -240,7 +241,8 @@ def evaluate_adapter(
     `subject`; CLIP-T reads each prompt without `identifier` (default: the subject's first word when it
     has two). `scorers`: callables `(images, prompts) -> {name: value}` replacing the default ones
     (`build_scorers`). `pipe`: an already loaded, patched pipeline instead of `base_model`. Writes
-    `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given."""
+    `grid.png` and `results.json` into `output_dir` (and the JSON to `json_path`) when given.
+    `quantize_base`: none, int8, nf4 or fp8, the base's weights as it loads (`bases.load_base`)."""
     from .bases import default_device_dtype, load_base
     from .sources import check_adapter_paths
     from .any_adapter import check_adapter_fits
@@ -262,7 +264,7 @@ def evaluate_adapter(
         device = pipe.device if pipe is not None else default_device_dtype(device)[0]
         scorers = build_scorers(instance_images, dino_model, clip_model, identifier, device, base_model)
     with quiet_libraries():
-        pipe = pipe if pipe is not None else load_base(base_model, family, device, dtype)[0]
+        pipe = pipe if pipe is not None else load_base(base_model, family, device, dtype, quantize_base=quantize_base)[0]
         for label, source in sources:  # every adapter against the pipeline before any image (any_adapter.py)
             check_adapter_fits(pipe, source, base_model)
     columns = ([(BASE_LABEL, None)] if include_base else []) + sources

@@ -224,6 +224,7 @@ def generate_samples(
     scheduler: str | None = None,
     init_image=None,
     strength: float = 0.8,
+    quantize_base: str = "none",
 ) -> GenerateResult:
     """Load the base model and adapters (`(path or repo id, weight)`; GraLoRA or plain LoRA files),
     generate every prompt x seed x scale, save each image and `grid.png` into `output_dir` (new, empty
@@ -235,7 +236,8 @@ def generate_samples(
     `family`: the base's family when model_index.json does not say it (or `tiny` of another family than sdxl).
     `scheduler`: a diffusers scheduler class name (schedulers.py). `init_image`: a picture (path or PIL
     image) to start from, image-to-image through diffusers' `AutoPipelineForImage2Image.from_pipe` (the
-    same modules, adapters included), `strength` of noise added to it (0 < strength <= 1)."""
+    same modules, adapters included), `strength` of noise added to it (0 < strength <= 1).
+    `quantize_base`: none, int8, nf4 or fp8, the base's weights as it loads (`bases.load_base`)."""
     from .any_adapter import LORA, check_adapter_fits, load_any_adapter
     from .bases import load_base, render
     from .quiet import progress_bar, quiet_known_noise, quiet_libraries
@@ -255,7 +257,7 @@ def generate_samples(
     if per_image_adapters is not None:
         _check_per_image(per_image_adapters, prompts, adapters, fuse, side_by_side, init_image)
     if pipe is None:
-        pipe, _ = load_base(base_model, family, device, dtype, say=print if progress else None)
+        pipe, _ = load_base(base_model, family, device, dtype, say=print if progress else None, quantize_base=quantize_base)
     names = [f"adapter_{i}" for i in range(len(adapters))]
     for path, _ in adapters:  # every adapter against the base before any loads (its recorded base named on a mismatch)
         check_adapter_fits(pipe, path, base_model)

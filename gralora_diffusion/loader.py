@@ -48,6 +48,7 @@ from .model_ops import (
     unfuse_layer,
 )
 from .numbers import limited
+from .quantize import check_fusable
 from .sources import resolve_adapter
 
 
@@ -292,7 +293,8 @@ class GraloraLoaderMixin:
         fuse, and with `exact_unfuse` (default) the base weights bit for bit: a CPU copy of each
         changed weight is kept while fused (set it False to save that memory; unfusing then subtracts,
         exact up to float rounding). `safe_fusing` checks every fused weight for NaN/Inf before any
-        weight changes."""
+        weight changes. A quantized base weight (--quantize_base) is refused in one line, nothing fused:
+        fusing would round the base a second time, for good."""
         limited("scales", gralora_scale, "gralora_scale")
         models = self._gralora_components(components)
         if adapter_names is not None:
@@ -304,6 +306,8 @@ class GraloraLoaderMixin:
                     todo = [a for a in (adapter_names or layer.active_adapters)
                             if a in layer.gralora_A and a not in layer.merged_adapters]
                     plan += [(f"{component}.{name}", layer, todo)] if todo else []
+        for where, layer, _ in plan:  # a quantized base weight: refused, before any weight changes
+            check_fusable(layer, where)
         for where, layer, todo in plan if safe_fusing else ():
             if not fused_weight_is_finite(layer, todo, gralora_scale):
                 raise AdapterFileError(

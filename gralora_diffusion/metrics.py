@@ -111,6 +111,14 @@ def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
 
 
+def drift(base: torch.Tensor, adapted: torch.Tensor) -> float:
+    """PEFT's drift (method_comparison/image-gen/run.py, `measure_drift`): (1 - mean cosine)/2 between
+    the embeddings of the base model's and the adapted model's images of the same prompts and seeds,
+    row i with row i; 0 when nothing changed, 1 at the opposite (clamped there: float rounding can put a
+    cosine a hair above 1)."""
+    return min(1.0, max(0.0, (1 - paired_cosine(base, adapted).mean().item()) / 2))
+
+
 def strip_identifier(prompt: str, identifier: str | None) -> str:
     """'a sks teapot in the snow' -> 'a teapot in the snow': CLIP has never seen the rare token, so
     CLIP-T measures the prompt's meaning without it (as Custom Diffusion's evaluation does)."""

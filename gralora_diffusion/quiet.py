@@ -32,6 +32,16 @@ QUIET_WARNINGS = (
 QUIET_LOGS = {
     "diffusers.models.modeling_utils": r"There are modules in \w+ that should be kept in float32: \[\]",  # none: nothing to keep
 }
+# logger name -> message regex: what the quantization backends log as they are imported (diffusers imports
+# torchao whenever it is installed) about kernels a CPU build or this torch lacks; dropped for good by
+# `drop_import_noise`, called when the package is imported.
+IMPORT_NOISE = {
+    "torchao": r"Failed to load .*\.so",
+    "bitsandbytes.backends.cpu.ops": r"Failed to load CPU gemm_4bit_forward from kernels-community",
+    # diffusers 0.42 registers torchao tensor classes that torchao 0.18 moved; only pre-quantized checkpoints need them
+    "diffusers.quantizers.torchao.torchao_quantizer": r"Unable to import `torchao` Tensor objects",
+    "torch.utils._pytree": r"<enum '\w+'> is an Enum subclass and is now natively supported by torch.compile",
+}
 
 
 class _DropMessages(logging.Filter):
@@ -41,6 +51,14 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self.pattern.match(record.getMessage())
+
+
+def drop_import_noise() -> None:
+    """Filter `IMPORT_NOISE` out of those loggers, once per process (stdlib only: cheap at import)."""
+    for name, pattern in IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMessages(pattern))
 
 
 @contextlib.contextmanager

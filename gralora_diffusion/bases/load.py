@@ -99,7 +99,8 @@ def _from_single_file(fam: Family, spec: str, dtype, flag: str, error):
 
 
 def load_base(spec, family=None, device=None, dtype=None, say=print, flag: str = "--base", revision=None,
-              variant=None, vae=None, error=GraloraConfigError):
+              variant=None, vae=None, error=GraloraConfigError, quantize_base: str = "none",
+              trained_text_encoders: bool = False):
     """The base model `spec` loaded, placed and patched with the GraLoRA methods: (pipeline, Family).
 
     `spec`: `tiny` (the family's random tiny pipeline; `family` default sdxl), an embedded name (`world`),
@@ -107,21 +108,29 @@ def load_base(spec, family=None, device=None, dtype=None, say=print, flag: str =
     checkpoint file (`from_single_file`, of `family`, default sdxl; pickled `.ckpt` files are refused). `family` overrides what
     model_index.json says. `revision`/`variant`/`vae` (a VAE's Hub id or folder) go to from_pretrained.
     `say` (None: silent) gets one line when loading starts; the libraries' bars and notes stay quiet.
+    `quantize_base` (none, int8, nf4, fp8): the denoiser and, unless `trained_text_encoders`, the text
+    encoders quantized by diffusers' configs (quantize.py): a folder or Hub id as it loads, an embedded
+    model right after it is built, through the same configs.
     Every failure is one line of `error` naming `flag`."""
+    from ..quantize import check_quantize_base, pipeline_quantization, quantize_loaded, quantized_components
     from ..quiet import load_pretrained, quiet_libraries
     from ..sources import check_model_path
     from ..threads import announce
 
     device, dtype = default_device_dtype(device, dtype)
+    check_quantize_base(quantize_base, error=error, device=device)
     spec = str(spec)
     single = single_file(spec, flag, error)
     fam = get_family(family or DEFAULT_FAMILY) if single else base_family(spec, family, flag)
+    quantization = pipeline_quantization(quantize_base, quantized_components(fam or get_family(DEFAULT_FAMILY),
+                                                                             trained_text_encoders))
     embedded = spec == TINY or _embedded_owner(spec) is not None
     if not embedded and not single:
         check_model_path(flag, spec, MODEL_INDEX, error)
     announce(say)  # the CPU thread rule, for Python callers too
     if say:
-        say(f"Loading base model {spec}{f' ({fam.name})' if fam and spec == TINY and fam.name != DEFAULT_FAMILY else ''} ...")
+        say(f"Loading base model {spec}{f' ({fam.name})' if fam and spec == TINY and fam.name != DEFAULT_FAMILY else ''}"
+            f"{'' if quantize_base == 'none' else f' ({quantize_base})'} ...")
     with quiet_libraries():  # importing diffusers' pipelines makes transformers talk about torchvision
         from diffusers import DiffusionPipeline
 
@@ -131,8 +140,11 @@ def load_base(spec, family=None, device=None, dtype=None, say=print, flag: str =
             pipe = fam.build(spec)
         elif single:
             pipe = _from_single_file(fam, spec, dtype, flag, error)
+        if (embedded or single) and quantization is not None:  # in the run's dtype: a quantized model cannot be cast after
+            pipe.to(dtype=dtype)
+            quantize_loaded(pipe, quantization)
     if not embedded and not single:
-        kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
+        kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant, "quantization_config": quantization}
         if vae:
             from diffusers import AutoencoderKL
 

@@ -6,6 +6,7 @@ HELP = ("Score adapters with DreamBooth's metrics (DINO, CLIP-I, CLIP-T): the ba
 
 def add_arguments(parser):
     from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, REFERENCE_IMAGES
+    from ..quantize import add_argument as add_quantize_argument
 
     from ..bases import add_family_argument
 
@@ -41,6 +42,7 @@ def add_arguments(parser):
     parser.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help=f"Hub id or folder (default {DEFAULT_CLIP_MODEL}); 'none' skips CLIP-I/T")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
+    add_quantize_argument(parser)
     parser.add_argument("--output_dir", type=Path, default=Path("evaluation"), help="grid.png and results.json go here")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON here")
 
@@ -74,6 +76,7 @@ def run(args) -> int:
         dino_model=None if args.dino_model.lower() == "none" else args.dino_model,
         clip_model=None if args.clip_model.lower() == "none" else args.clip_model,
         output_dir=args.output_dir, json_path=args.json, device=args.device, dtype=args.dtype, family=args.family,
+        quantize_base=args.quantize_base,
     )
     print(format_table(result))
     print(f"Grid (rows: prompts, columns: {', '.join(v.name for v in result.variants)}; seeds side by side): {result.grid}")

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from ..constants import GENERATE_OUTPUT_DIR as DEFAULT_OUTPUT_DIR
+from ..quantize import add_argument as add_quantize_argument
 
 HELP = "Generate images with GraLoRA (or plain LoRA) adapters: prompts x seeds x a scale sweep, each image plus one labelled grid."
 
@@ -41,6 +42,7 @@ def add_arguments(parser):
                         help="with --init_image: how much noise covers the picture, 0 < strength <= 1 (default 0.8)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp16 on cuda, fp32 on cpu")
+    add_quantize_argument(parser)
     parser.add_argument("--output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR),
                         help=f"folder for the images and grid.png (default {DEFAULT_OUTPUT_DIR}/); a folder holding "
                              "images generate did not write, such as a training set, is refused")
@@ -65,6 +67,7 @@ def run(args) -> int:
         guidance=args.guidance, height=args.height, width=args.width, scales=parse_scales(args.scales),
         fuse=args.fuse, device=args.device, dtype=args.dtype, side_by_side=args.side_by_side, per_image_adapters=per_image,
         family=args.family, scheduler=args.scheduler, init_image=args.init_image, strength=args.strength,
+        quantize_base=args.quantize_base,
     )
     print(f"Wrote {len(result.images)} images to {result.output_dir}/")
     print(f"Grid (rows: prompt x seed, columns: {', '.join(result.columns)}): {result.grid}")

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bases import FAMILY_NAMES, embedded_names
-from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from ..constants import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, QUANTIZE_CHOICES
 from ..errors import GraloraConfigError, TrainConfigError
 from ..choices import check_choices
 from ..numbers import check_numbers
 from ..outputs import check_train_output
+from .select import SELECT_METRICS
 
 
 # PIL's resampling filters, by the names diffusers' --image_interpolation_mode takes (torchvision's
@@ -128,6 +129,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt("trade compute for memory", default=False)
     cache_latents: bool = _opt("encode each training image once and reuse the VAE latents", default=False)
     cache_text_embeddings: bool = _opt("encode each prompt once when the text encoders are frozen", default=True)
+    quantize_base: str = _opt("quantize the frozen base as it loads: int8 / fp8 (torchao, CPU and CUDA), nf4 (bitsandbytes, "
+                              "GPU); the UNet, and the text encoders unless trained; adapters stay fp32", default="none",
+                              choices=QUANTIZE_CHOICES)
     embedding_cache_mb: int = _opt("cached latents and text embeddings kept in memory up to this many MiB; the rest go "
                                    "to safetensors files under --cache_dir", default=4096)
     cache_dir: str | None = _opt("folder of the on-disk latent/text-embedding cache (default: OUTPUT_DIR/cache)")
@@ -157,6 +161,11 @@ class TrainConfig:
     # metrics (train --validation_metrics, and compare's evaluation)
     validation_metrics: bool = _opt("score every validation's samples against the instance images (DINO, CLIP-I, CLIP-T, "
                                     "plus the base's own scorers) and log them to --report_to", default=False)
+    select_best: str | None = _opt("score every validation (as --validation_metrics) and keep the best step's adapter and "
+                                   "scores in OUTPUT_DIR/best/: fidelity (DINO; the world evaluator's on the world), prompt "
+                                   "(CLIP-T; background and prior recognized on the world) or fidelity_x_prompt",
+                                   choices=SELECT_METRICS)
+    early_stop_patience: int | None = _opt("with --select_best: stop when the score has not improved for N validations")
     dino_model: str = _opt("DINO model for the metrics: Hub id or folder; none skips DINO", default=DEFAULT_DINO_MODEL)
     clip_model: str = _opt("CLIP model for the metrics: Hub id or folder; none skips CLIP-I and CLIP-T", default=DEFAULT_CLIP_MODEL)
     torch_compile: bool = _opt("torch.compile the UNet (and the text encoders when trained) with inductor; "
@@ -189,11 +198,12 @@ class TrainConfig:
         return cls(**clean)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        """File values first (`--config`), then the flags actually given on the command line."""
+    def from_args(cls, args: argparse.Namespace, defaults: dict | None = None) -> "TrainConfig":
+        """`defaults` (e.g. a benchmark's settings) first, then file values (`--config`), then the flags
+        actually given on the command line."""
         given = {k: v for k, v in vars(args).items() if k in cls.field_names()}
         data = read_config_file(Path(args.config)) if getattr(args, "config", None) else {}
-        return cls.from_dict({**data, **given}, source=str(getattr(args, "config", None) or "flags"))
+        return cls.from_dict({**(defaults or {}), **data, **given}, source=str(getattr(args, "config", None) or "flags"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,6 +258,13 @@ class TrainConfig:
             raise TrainConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
         if self.validation_metrics and not self.validation_prompts:
             raise TrainConfigError("--validation_metrics scores the validation samples: give --validation_prompt too.")
+        if self.select_best and not (self.validation_prompts and self.validation_steps):
+            raise TrainConfigError(f"--select_best {self.select_best} scores every validation: give --validation_prompt "
+                                   "(with the identifier, e.g. 'a photo of sks teapot on checks') and --validation_steps N.")
+        if self.early_stop_patience is not None and not self.select_best:
+            raise TrainConfigError("--early_stop_patience watches the --select_best score: give --select_best too.")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise TrainConfigError(f"--early_stop_patience={self.early_stop_patience}: must be >= 1 (or left out).")
         if self.push_to_hub or self.hub_model_id:
             self._check_hub_repo_id()
         if self.aspect_buckets:
@@ -432,6 +449,10 @@ class TrainConfig:
                 raise TrainConfigError(f"--optimizer {self.optimizer} needs the {module} package: `{cmd}`, or use --optimizer adamw.")
         if self.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(self.report_to) is None:
             raise TrainConfigError(f"--report_to {self.report_to} needs the {self.report_to} package (`pip install {self.report_to}`), or pass --report_to none.")
+        if self.quantize_base != "none":
+            from ..quantize import check_quantize_base
+
+            check_quantize_base(self.quantize_base, error=TrainConfigError)
         if self.mixed_precision == "fp16":
             import torch
 

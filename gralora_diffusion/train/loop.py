@@ -31,6 +31,7 @@ from .lock import output_dir_lock
 from .loss import BatchLoss, training_scheduler
 from .model import add_adapters, freeze_and_place, load_pipeline, make_optimizer, param_groups
 from .sampling import generate_images, generate_samples, sample_metrics, sample_scorers, save_samples, step_bar
+from .select import BEST_FOLDER, BestTracker
 from .save import all_finite, complete_checkpoints, resume_hint, save_config, save_final_adapter, share, write_checkpoint
 
 
@@ -43,6 +44,7 @@ class TrainResult:
     components: dict = field(default_factory=dict, repr=False)  # trained models (unwrapped) by component name
     pipeline: Any = field(default=None, repr=False)  # the trained pipeline, adapters active (kept out of print())
     grid_path: Path | None = None
+    best: dict | None = None  # --select_best: the metric, the winning step and every validation's score
 
 
 @dataclass
@@ -70,7 +72,8 @@ class Run:
     group_losses: list = field(default_factory=list)  # this update's micro-batch losses so far
     parts: dict = field(default_factory=dict)  # the last micro-batch's loss terms, for the log
     progress: Any = None
-    scorers: list | None = None  # --validation_metrics (main process)
+    scorers: list | None = None  # --validation_metrics or --select_best (main process)
+    best: BestTracker | None = None  # --select_best (main process)
 
     @property
     def out(self) -> Path:
@@ -140,6 +143,8 @@ def _train(cfg, instances, resume_from, resumed, pipeline, on_step) -> TrainResu
                     checkpoint(run)
                 if cfg.validation_steps and run.global_step % cfg.validation_steps == 0 and not run.done:
                     sample(run, f"step-{run.global_step}")
+                    if patience_out(run):
+                        run.max_steps = run.global_step  # the run ends here: finish() saves this step's adapter
                 if on_step is not None:
                     on_step(run.global_step, step_loss)
                 if run.done:
@@ -205,10 +210,13 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
                 transformers_logging.enable_progress_bar()
     else:
         from ..bases import family_of_pipeline, get_family
+        from ..quantize import pipeline_quantization, quantize_loaded, quantized_components
 
         family = get_family(cfg.family) if cfg.family else family_of_pipeline(pipe)
         if family is None:
             raise TrainingError(f"train: a {type(pipe).__name__} belongs to no registered family; pass --family.")
+        # a pipeline built by the caller: quantized here, by the same configs load_base uses
+        quantize_loaded(pipe, pipeline_quantization(cfg.quantize_base, quantized_components(family, cfg.train_text_encoder)))
     if cfg.resolution is None:  # the base's own size (64 for tiny/world, 1024 for SDXL), said once
         cfg.resolution = family.default_resolution(pipe)
         if main:
@@ -248,11 +256,13 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         save_config(cfg, out, run.history)
         tracked = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("gralora-dreambooth", config=tracked)
-        run.scorers = sample_scorers(cfg, device) if cfg.validation_metrics else None
+        run.scorers = sample_scorers(cfg, device) if cfg.validation_metrics or cfg.select_best else None
         if cfg.logging_note():
             tqdm.write(cfg.logging_note())
     set_seed(cfg.seed, device_specific=True)  # different noise on each process
     resume(run, resume_from)
+    if main and cfg.select_best:
+        run.best = BestTracker.resume(cfg.select_best, cfg.early_stop_patience, out, run.global_step)
     run.progress = tqdm(total=run.max_steps, initial=run.global_step, desc="train", disable=not main)
     return run
 
@@ -448,7 +458,34 @@ def sample(run: Run, tag: str) -> tuple[Path | None, list[Path]]:
         metrics = sample_metrics(run.scorers, rows, cfg.validation_prompts)
         run.accelerator.log(metrics, step=run.global_step)
         run.say(f"step {run.global_step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items()))
+        if run.best is not None:
+            keep_best(run, metrics)
     return grid, images
+
+
+def keep_best(run: Run, metrics: dict) -> None:
+    """--select_best: score this validation; a new best step's adapter goes to best/, every score to best/scores.json."""
+    folder = run.out / BEST_FOLDER
+    if run.best.observe(run.global_step, metrics):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_final_adapter(run.cfg, run.components, folder, run.history)
+    run.best.write(folder)
+    best = run.best.best
+    run.say(f"step {run.global_step}: {run.best.metric} {run.best.history[-1]['score']:.4f} "
+            f"(best so far: step {best['step']}, {best['score']:.4f})")
+
+
+def patience_out(run: Run) -> bool:
+    """--early_stop_patience: the main process decides, every process stops."""
+    from accelerate.utils import broadcast_object_list
+
+    flag = [bool(run.best is not None and run.best.patience_out())]
+    stop = broadcast_object_list(flag)[0] if run.accelerator.num_processes > 1 else flag[0]
+    if stop and run.best is not None:
+        best = run.best.best
+        run.say(f"Early stop at step {run.global_step}: {run.best.metric} has not improved for {run.best.patience} "
+                f"validations (best: step {best['step']}, {best['score']:.4f}).")
+    return stop
 
 
 def finish(run: Run) -> TrainResult:
@@ -467,7 +504,12 @@ def finish(run: Run) -> TrainResult:
             kohya = export_lora(weights_path, run.out / KOHYA_WEIGHT_NAME, format="kohya")
             run.say(f"Wrote kohya-format LoRA {kohya.path} (--output_kohya_format)")
         grid, images = sample(run, "final")
+        if run.best is not None and run.best.best is not None:
+            best = run.best.best
+            run.say(f"Best step by {run.best.metric}: {best['step']} ({best['score']:.4f}); its adapter and every "
+                    f"validation's score: {run.out / BEST_FOLDER}")
         share(run.cfg, run.out, grid, images, run.say, run.history)
     run.accelerator.wait_for_everyone()
-    return TrainResult(run.out, weights_path, run.global_step, run.losses, run.components, run.pipe, grid)
+    best = run.best.to_dict() if run.best is not None else None
+    return TrainResult(run.out, weights_path, run.global_step, run.losses, run.components, run.pipe, grid, best)
 

@@ -9,7 +9,8 @@ from ..errors import TrainConfigError
 
 
 def load_pipeline(cfg):
-    """(pipeline, Family) for --pretrained_model_name_or_path: `tiny`, `world`, a folder or a Hub id (bases.load_base)."""
+    """(pipeline, Family) for --pretrained_model_name_or_path: `tiny`, `world`, a folder or a Hub id (bases.load_base),
+    its base quantized as it loads with --quantize_base."""
     import torch
 
     from ..bases import load_base
@@ -18,12 +19,19 @@ def load_pipeline(cfg):
     announce()
     return load_base(cfg.pretrained_model_name_or_path, cfg.family, "cpu", torch.float32, say=None,
                      flag="--pretrained_model_name_or_path", revision=cfg.revision, variant=cfg.variant,
-                     vae=cfg.pretrained_vae_model_name_or_path, error=TrainConfigError)
+                     vae=cfg.pretrained_vae_model_name_or_path, error=TrainConfigError,
+                     quantize_base=cfg.quantize_base, trained_text_encoders=cfg.train_text_encoder)
 
 
 def place(model, device, dtype) -> None:
-    """Move, and cast only when needed (diffusers warns on every dtype cast of a loaded model)."""
-    model.to(device) if model.dtype == dtype else model.to(device, dtype=dtype)
+    """Move, and cast only when needed (diffusers warns on every dtype cast of a loaded model). A
+    quantized model keeps the dtype it loaded in (diffusers refuses the cast; autocast computes in dtype)."""
+    from ..quantize import is_quantized_model
+
+    if model.dtype == dtype or is_quantized_model(model):
+        model.to(device)
+    else:
+        model.to(device, dtype=dtype)
 
 
 def freeze_and_place(cfg, pipe, device, weight_dtype) -> None:
