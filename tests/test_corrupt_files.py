@@ -82,11 +82,15 @@ def test_loader_export_and_info_refuse_every_case_and_change_nothing(good_file, 
         _expect_our_error(lambda: pipe.load_gralora_weights(path), path, failures, f"load {name}")
         if name in READABLE:
             continue
-        _expect_our_error(lambda: gd.export_lora(path, out_dir / f"{name}.safetensors"), path, failures, f"export {name}")
-        if name in ("lora_file", "exported_twice"):  # info shows what a plain LoRA file holds (issue 13)
+        if name in ("lora_file", "exported_twice"):
+            # a plain LoRA is no corrupt GraLoRA: info shows it (issue 13), export re-keys it (issue 24)
             assert gd.adapter_info(path)["kind"] == "lora", name
-        else:
-            _expect_our_error(lambda: gd.adapter_info(path), path, failures, f"info {name}")
+            again = tmp_path / f"{name}_rekeyed.safetensors"
+            gd.export_lora(path, again)
+            assert gd.adapter_info(again)["kind"] == "lora", name
+            continue
+        _expect_our_error(lambda: gd.export_lora(path, out_dir / f"{name}.safetensors"), path, failures, f"export {name}")
+        _expect_our_error(lambda: gd.adapter_info(path), path, failures, f"info {name}")
     assert not failures, "\n".join(failures)
     assert list(out_dir.iterdir()) == []  # no partial export left behind
     assert not any(pipe.list_gralora_adapters().values())
