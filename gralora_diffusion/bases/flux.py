@@ -7,6 +7,7 @@ text ids zeros, image ids the latent grid."""
 
 from __future__ import annotations
 
+from .tiny_parts import finish_tiny
 from .sdxl import TEXT_ENCODER_PRESETS
 from .vae import default_resolution, shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
@@ -59,11 +60,7 @@ def build_tiny(seed: int = 0):
         text_encoder_2 = t5_encoder(tokenizer_2, d_model=TEXT_HIDDEN)
     pipe = FluxPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
-    for model in (transformer, vae, text_encoder, text_encoder_2):
-        model.eval()
-    pipe.default_sample_size = 8  # 64 px by default, as the other tiny families (not saved: a folder renders 1024)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny(pipe, sample_size=8)
 
 
 def encode_prompts(pipe, prompts, device, text_encoders=None):

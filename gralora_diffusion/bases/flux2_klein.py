@@ -10,6 +10,7 @@ images with the latent distribution's mode, not a sample (LATENTS)."""
 
 from __future__ import annotations
 
+from .tiny_parts import finish_tiny
 from .vae import default_resolution, vae_encode  # noqa: F401 (the family's contract)
 
 PIPELINE_CLASS = "Flux2KleinPipeline"
@@ -58,11 +59,7 @@ def build_tiny(seed: int = 0):
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
     pipe = Flux2KleinPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
-    for model in (transformer, vae, text_encoder):
-        model.eval()
-    pipe.default_sample_size = 8  # 64 px by default, as the other tiny families (not saved: a folder renders 1024)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny(pipe, sample_size=8)
 
 
 def encode_prompts(pipe, prompts, device):

@@ -8,6 +8,7 @@ packed for the transformer with img_shapes, timestep/1000, the prompt mask (None
 
 from __future__ import annotations
 
+from .tiny_parts import finish_tiny
 from .vae import default_resolution  # noqa: F401 (the family's contract)
 from .vae import vae_encode as _vae_encode
 
@@ -59,11 +60,7 @@ def build_tiny(seed: int = 0):
     # Qwen-Image's scheduler settings.
     scheduler = flow_scheduler(shift=1.0, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
-    for model in (transformer, vae, text_encoder):
-        model.eval()
-    pipe.default_sample_size = 8  # 64 px by default, as the other tiny families (not saved: a folder renders 1024)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny(pipe, sample_size=8)
 
 
 def encode_prompts(pipe, prompts, device):

@@ -5,6 +5,7 @@ encoder's last hidden state as the UNet's context."""
 
 from __future__ import annotations
 
+from .tiny_parts import finish_tiny
 from .sdxl import TEXT_ENCODER_PRESETS, UNET_PRESETS, normalize_latents  # noqa: F401 (scaling_factor, as SDXL)
 from .vae import vae_encode  # noqa: F401 (the family's contract)
 
@@ -38,10 +39,7 @@ def build_tiny(seed: int = 0):
                               set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    for model in (unet, vae, text_encoder):
-        model.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny(pipe)
 
 
 def encode_prompts(pipe, prompts, device, text_encoders=None):

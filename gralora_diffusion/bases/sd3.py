@@ -8,6 +8,7 @@ the script's 77 would condition training on other padding than inference)."""
 
 from __future__ import annotations
 
+from .tiny_parts import finish_tiny
 from .sdxl import TEXT_ENCODER_PRESETS
 from .vae import shift_and_scale as normalize_latents, vae_encode  # noqa: F401 (the family's contract)
 
@@ -58,10 +59,7 @@ def build_tiny(seed: int = 0):
         transformer=transformer, scheduler=flow_scheduler(use_dynamic_shifting=False), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-    for model in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
-        model.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_tiny(pipe)
 
 
 def encode_prompts(pipe, prompts, device, text_encoders=None):
