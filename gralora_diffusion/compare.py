@@ -106,15 +106,30 @@ def run_config(cfg: TrainConfig, variant: Variant, seed: int) -> TrainConfig:
                                overwrite_output_dir=True, push_to_hub=False)  # compare owns its run folders
 
 
+# Settings that may name a local file or folder: compared by where they point, so `study/r8/subjects/x`
+# run from /tmp and `/tmp/study/r8/subjects/x` are the same run.
+PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir", "dataset_name",
+                 "class_data_dir", "cache_dir", "init_adapter")
+
+
 def comparable(cfg: TrainConfig) -> dict:
-    """What must match for a finished run to count (JSON-normalised)."""
-    return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in NOT_SHAPING}))
+    """What must match for a finished run to count (JSON-normalised, existing local paths resolved)."""
+    return json.loads(json.dumps({k: where(v) if k in PATH_SETTINGS else v
+                                  for k, v in cfg.to_dict().items() if k not in NOT_SHAPING}))
+
+
+def where(value):
+    """An existing local path as its absolute real path; anything else (a Hub id, None, a missing path) unchanged."""
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
     """The settings in which a run recorded as `saved` differs from `cfg`. A setting the record lacks
     (added by a later version) counts as its default, so an upgrade keeps finished runs."""
     now, defaults, saved = comparable(cfg), comparable(TrainConfig()), saved or {}
+    saved = {k: where(v) if k in PATH_SETTINGS else v for k, v in saved.items()}  # records of older versions kept the spelling
     return sorted(k for k, v in now.items() if saved.get(k, defaults.get(k)) != v)
 
 

@@ -119,3 +119,28 @@ def test_a_setting_added_later_keeps_finished_runs():
     assert changed_settings(older, cfg) == []
     assert changed_settings({**older, "rank": 4}, cfg) == ["rank"]
     assert changed_settings(older, TrainConfig(instance_data_dir="x", rank=8, early_stop_patience=2)) == ["early_stop_patience"]
+
+
+def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch):
+    """A folder given relative from one directory and absolute (or through a link) from another is one setting;
+    a different folder, or a Hub id, still counts as changed."""
+    from gralora_diffusion.compare import changed_settings, comparable
+    from gralora_diffusion.train import TrainConfig
+
+    (tmp_path / "study" / "subjects" / "ball").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "study")
+    monkeypatch.chdir(tmp_path)
+    saved = comparable(TrainConfig(instance_data_dir="study/subjects/ball", pretrained_model_name_or_path="world"))
+    for spelling in (str(tmp_path / "study/subjects/ball"), "link/subjects/ball", "./study/subjects/../subjects/ball"):
+        assert changed_settings(saved, TrainConfig(instance_data_dir=spelling, pretrained_model_name_or_path="world")) == []
+    monkeypatch.chdir(tmp_path / "other")  # an older record that kept the relative spelling, read from elsewhere
+    relative = {**saved, "instance_data_dir": "study/subjects/ball"}
+    assert changed_settings(relative, TrainConfig(instance_data_dir=str(tmp_path / "study/subjects/ball"),
+                                                  pretrained_model_name_or_path="world")) == ["instance_data_dir"]
+    monkeypatch.chdir(tmp_path)
+    assert changed_settings(relative, TrainConfig(instance_data_dir=str(tmp_path / "study/subjects/ball"),
+                                                  pretrained_model_name_or_path="world")) == []
+    assert changed_settings(saved, TrainConfig(instance_data_dir="other", pretrained_model_name_or_path="world")) == ["instance_data_dir"]
+    assert changed_settings(saved, TrainConfig(instance_data_dir="study/subjects/ball",
+                                               pretrained_model_name_or_path="tiny")) == ["pretrained_model_name_or_path"]
