@@ -10,9 +10,10 @@ the path a Hub base takes. The step: GraLoRA r32 k2 on attention (fp32 adapters)
 checkpointing, cached text embeddings (random [1, 77, 2048] tensors stand in for them: no text encoder is
 loaded), bf16 autocast, forward + backward + AdamW step at batch 1.
 
-CPU: 256 px, peak RSS (`ru_maxrss`, and after load / forward / backward), each child with a fixed glibc
-mmap threshold (see `_child`) and shards read without mmap. CUDA (`--device cuda`): 1024 px, peak CUDA
-memory allocated.
+Every mode runs twice: the AdamW step after backward, and fused into it (`train --fused_backward_pass`:
+each weight steps as its gradient completes and drops it). CPU: 256 px, peak RSS (`ru_maxrss`, and after
+load / forward / backward), each child with a fixed glibc mmap threshold (see `_child`) and shards read
+without mmap. CUDA (`--device cuda`): 1024 px, peak CUDA memory allocated.
 
     python scripts/benchmark.py memory [--threads 1] [--device cuda] [--json out.json] [--quick]
 """
@@ -59,14 +60,16 @@ def build(folder: str, quick: bool) -> None:
     unet.save_pretrained(folder, max_shard_size="200MB")
 
 
-def step(folder: str, mode: str, device: str, resolution: int, quick: bool) -> dict:
-    """Load the saved UNet with `mode`'s quantization, add GraLoRA, run one training step; the numbers."""
+def step(folder: str, mode: str, device: str, resolution: int, quick: bool, fused: bool = False) -> dict:
+    """Load the saved UNet with `mode`'s quantization, add GraLoRA, run one training step; the numbers.
+    `fused`: the AdamW step runs inside backward, one weight at a time (train --fused_backward_pass)."""
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
 
     from gralora_diffusion.inject import add_gralora
     from gralora_diffusion.quantize import check_quantize_base, load_quantized_model, pipeline_quantization, weight_bytes
+    from gralora_diffusion.train.fused_backward import fuse_optimizer_into_backward
 
     try:
         check_quantize_base(mode, "--quantize_base", device=device)
@@ -89,6 +92,8 @@ def step(folder: str, mode: str, device: str, resolution: int, quick: bool) -> d
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if fused:
+        fuse_optimizer_into_backward(optimizer)
     g = torch.Generator().manual_seed(0)
     side, ctx = resolution // 8, unet.config.cross_attention_dim
     text_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
@@ -106,10 +111,10 @@ def step(folder: str, mode: str, device: str, resolution: int, quick: bool) -> d
     stages["forward"] = _peak(device)
     loss.backward()
     stages["backward"] = _peak(device)
-    optimizer.step()
+    optimizer.step()  # nothing left to do when fused: every weight stepped in backward and dropped its gradient
     optimizer.zero_grad(set_to_none=True)
     step_s = time.perf_counter() - start
-    record = {"mode": mode, "base_weight_bytes": base_bytes, "adapter_params": sum(p.numel() for p in params),
+    record = {"mode": mode, "fused_backward": fused, "base_weight_bytes": base_bytes, "adapter_params": sum(p.numel() for p in params),
               "load_s": round(load_s, 1), "step_s": round(step_s, 1), "loss": float(loss), "peak_after": stages,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.startswith("cuda"):
@@ -151,22 +156,27 @@ def run(args) -> dict:
         built = _child(["build", folder, *quick, *threads])
         if "error" in built:
             raise SystemExit(f"memory: building the UNet failed: {built['error']}")
-        rows = [{"mode": m, **_child(["step", folder, m, device, str(resolution), *quick, *threads])} for m in MODES]
+        rows = [{"mode": m, "fused_backward": fused,
+                 **_child(["step", folder, m, device, str(resolution), *quick, *threads, *(["--fused_backward_pass"] if fused else [])])}
+                for fused in (False, True) for m in MODES]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     peak_key = "peak_cuda_bytes" if device.startswith("cuda") else "peak_rss_bytes"
-    base = next((r for r in rows if r["mode"] == "none" and peak_key in r), None)
     print(f"\nOne GraLoRA r32 k2 (attn) training step, SDXL UNet {'(quick: a small UNet) ' if args.quick else ''}"
-          f"at {resolution} px batch 1, gradient checkpointing, bf16 autocast, on {device}; {peak_key}")
-    print(f"{'base':6} {'peak GiB':>9} {'x bf16':>7} {'base GiB':>9} {'x bf16':>7} {'step s':>7}")
+          f"at {resolution} px batch 1, gradient checkpointing, bf16 autocast, on {device}; {peak_key}. AdamW step after "
+          "backward (plain) or inside it, one weight at a time (fused: train --fused_backward_pass); x bf16: against the "
+          "bf16 base with the same step")
+    print(f"{'base':6} {'step':6} {'peak GiB':>9} {'x bf16':>7} {'base GiB':>9} {'x bf16':>7} {'step s':>7}")
     for r in rows:
+        kind = "fused" if r["fused_backward"] else "plain"
         if peak_key not in r:
-            print(f"{r['mode']:6} {r.get('skipped') or r.get('error')}")
+            print(f"{r['mode']:6} {kind:6} {r.get('skipped') or r.get('error')}")
             continue
+        base = next((b for b in rows if b["mode"] == "none" and b["fused_backward"] == r["fused_backward"] and peak_key in b), None)
         if base:
             r["peak_ratio"] = r[peak_key] / base[peak_key]
             r["base_bytes_ratio"] = r["base_weight_bytes"] / base["base_weight_bytes"]
-        print(f"{r['mode']:6} {r[peak_key] / 2**30:9.2f} {r.get('peak_ratio', float('nan')):7.2f} "
+        print(f"{r['mode']:6} {kind:6} {r[peak_key] / 2**30:9.2f} {r.get('peak_ratio', float('nan')):7.2f} "
               f"{r['base_weight_bytes'] / 2**30:9.2f} {r.get('base_bytes_ratio', float('nan')):7.2f} {r['step_s']:7.1f}")
     return {"benchmark": "memory", "device": device, "resolution": resolution, "quick": bool(args.quick), "rows": rows}
 
@@ -178,14 +188,14 @@ def main(argv: list[str]) -> None:
         i = argv.index("--threads")
         torch.set_num_threads(int(argv[i + 1]))
         del argv[i:i + 2]
-    quick = "--quick" in argv
-    argv = [a for a in argv if a != "--quick"]
+    quick, fused = "--quick" in argv, "--fused_backward_pass" in argv
+    argv = [a for a in argv if a not in ("--quick", "--fused_backward_pass")]
     if argv[0] == "build":
         build(argv[1], quick)
         print(json.dumps({"built": argv[1]}))
     else:
         _, folder, mode, device, resolution = argv
-        print(json.dumps(step(folder, mode, device, int(resolution), quick)))
+        print(json.dumps(step(folder, mode, device, int(resolution), quick, fused)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from ..errors import GraloraConfigError, TrainConfigError
 from ..choices import check_choices
 from ..numbers import check_numbers
 from ..outputs import check_train_output
+from .fused_backward import check_fusable_backward
 from .select import SELECT_METRICS
 
 
@@ -120,6 +121,9 @@ class TrainConfig:
     prodigy_use_bias_correction: bool = _opt("Prodigy: Adam's bias correction", default=True)
     prodigy_safeguard_warmup: bool = _opt("Prodigy: keep the learning rate out of the D estimate's denominator during warm-up", default=True)
     max_grad_norm: float = _opt("gradient clipping norm (0 = off)", default=1.0)
+    fused_backward_pass: bool = _opt("step each adapter weight inside backward and free its gradient at once: less memory "
+                                     "(kohya's option; adamw, one process, no accumulation; --max_grad_norm clips per weight)",
+                                     default=False)
     snr_gamma: float | None = _opt("Min-SNR weighting gamma (5.0 recommended); off by default")
     noise_offset: float = _opt("noise offset", default=0.0)
     use_ema: bool = _opt("keep an EMA of the adapter weights and save it", default=False)
@@ -290,6 +294,7 @@ class TrainConfig:
 
             read_init_adapter(self)
         self._check_packages()
+        check_fusable_backward(self, 1, TrainConfigError)  # processes: checked again when the accelerator knows them
         if self.resume_from_checkpoint and self.resume_from_checkpoint != "latest":
             path = self.checkpoint_path(self.resume_from_checkpoint)
             if not (path / "training_state.json").is_file():

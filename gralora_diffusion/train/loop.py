@@ -21,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..constants import KOHYA_WEIGHT_NAME
-from ..errors import TrainingError, UnreadableImageError
+from ..errors import TrainConfigError, TrainingError, UnreadableImageError
 from ..threads import announce
 from .config import TrainConfig
+from .fused_backward import check_fusable_backward, fuse_optimizer_into_backward
 from .data import DreamBoothDataset, EpochBatches, collate, count_images, ensure_class_images, logger, scan_images
 from .hf_dataset import StreamBatches, data_fingerprint, instance_records
 from .checkpoint import check_checkpoint, load_training_state, run_history, save_training_state, shaping_settings
@@ -175,6 +176,7 @@ def make_accelerator(cfg: TrainConfig):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
     )
+    check_fusable_backward(cfg, accelerator.num_processes, TrainConfigError)
     if not accelerator.is_main_process:
         logger.setLevel(logging.ERROR)
     return accelerator
@@ -336,6 +338,8 @@ def make_run(cfg, accelerator, pipe, family, components: dict, params: dict, dat
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
     all_params = [p for ps in params.values() for p in ps]
     optimizer = make_optimizer(cfg, param_groups(cfg, params, accelerator.num_processes, family.denoiser))
+    if cfg.fused_backward_pass:
+        fuse_optimizer_into_backward(optimizer, cfg.max_grad_norm)
     # Not passed to prepare(): we step it once per update ourselves (Accelerate would step it once
     # per process), so the schedule is the same with 1 or N processes.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -395,24 +399,31 @@ def accumulate(run: Run, batch, group_size: int, is_update: bool) -> None:
             for model in run.wrapped.values():
                 stack.enter_context(run.accelerator.no_sync(model))
         loss, run.parts = run.batch_loss(batch)
+        if run.cfg.fused_backward_pass:  # the weights step inside backward: a NaN must stop the run before it
+            check_loss(run, loss.item())
         run.accelerator.backward(loss / group_size)
     run.group_losses.append(loss.detach())
 
 
+def check_loss(run: Run, loss: float) -> None:
+    """A NaN/Inf loss stops the run, naming the last good checkpoint and what to change."""
+    if not math.isfinite(loss):
+        last, cfg = run.last_checkpoint, run.cfg
+        hint = f"The last good checkpoint is {last}: resume with --resume_from_checkpoint {last}" if last else "No checkpoint was written before it"
+        raise TrainingError(
+            f"the loss is {loss} at step {run.global_step + 1}. {hint}, with a lower --learning_rate "
+            f"(now {cfg.learning_rate}), --max_grad_norm, or --mixed_precision bf16 instead of fp16."
+        )
+
+
 def update(run: Run) -> float:
     """One optimizer step: every process sees every process's loss (so all stop together on a NaN),
-    clip, step, schedule, EMA, log. Returns the update's loss."""
+    clip, step (nothing left to step with --fused_backward_pass), schedule, EMA, log. Returns the update's loss."""
     cfg, accelerator = run.cfg, run.accelerator
     step_loss = accelerator.gather(torch.stack(run.group_losses).mean().reshape(1)).float().mean().item()
     run.group_losses = []
-    if not math.isfinite(step_loss):
-        last = run.last_checkpoint
-        hint = f"The last good checkpoint is {last}: resume with --resume_from_checkpoint {last}" if last else "No checkpoint was written before it"
-        raise TrainingError(
-            f"the loss is {step_loss} at step {run.global_step + 1}. {hint}, with a lower --learning_rate "
-            f"(now {cfg.learning_rate}), --max_grad_norm, or --mixed_precision bf16 instead of fp16."
-        )
-    if cfg.max_grad_norm:
+    check_loss(run, step_loss)
+    if cfg.max_grad_norm and not cfg.fused_backward_pass:  # fused: each weight was clipped and stepped in backward
         accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
