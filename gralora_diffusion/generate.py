@@ -370,7 +370,9 @@ def _per_image_batch(pipe, prompts, names, seed: int, **kwargs) -> list:
     import torch
 
     from .quiet import quiet_known_noise
+    from .schedulers import check_steps
 
+    check_steps(pipe, kwargs["num_inference_steps"])
     with quiet_known_noise():
         return pipe(prompt=list(prompts), generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in prompts],
                     gralora_adapter_names=names, **kwargs).images

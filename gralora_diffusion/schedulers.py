@@ -25,6 +25,16 @@ def scheduler_class(name: str):
                              "Give a class name such as EulerDiscreteScheduler or DPMSolverMultistepScheduler.")
 
 
+def check_steps(pipe, steps: int, flag: str = "--num_inference_steps") -> None:
+    """Steps the pipeline's scheduler can run. A flow-matching schedule stretched to a terminal sigma
+    (`shift_terminal`: Qwen-Image) divides by zero with one step and every image is NaN (diffusers
+    0.42's `stretch_shift_to_terminal`), so one step is refused there, before anything is generated."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if steps < 2 and getattr(getattr(scheduler, "config", None), "get", lambda *_: None)("shift_terminal"):
+        raise GraloraConfigError(f"{flag} {steps}: {type(scheduler).__name__} with shift_terminal (this base's schedule) "
+                                 "needs at least 2 steps (one step gives NaN images); give 2 or more.")
+
+
 def use_scheduler(pipe, name: str) -> None:
     """Swap `pipe.scheduler` for diffusers' `name`, configured from the current one."""
     cls = scheduler_class(name)

@@ -240,6 +240,9 @@ def render(pipe, prompt: str, seed: int, steps: int, guidance: float, height=Non
     of the pipeline's call arguments (an image-to-image pipeline's `image` and `strength`)."""
     import torch
 
+    from ..schedulers import check_steps
+
+    check_steps(pipe, steps)
     kwargs = call_kwargs(pipe, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                          height=height, width=width) | extra
     if negative_prompt is not None and "negative_prompt" not in kwargs:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..constants import KOHYA_WEIGHT_NAME
 from ..errors import TrainConfigError, TrainingError, UnreadableImageError
+from ..schedulers import check_steps
 from ..threads import announce
 from .config import TrainConfig
 from .fused_backward import check_fusable_backward, fuse_optimizer_into_backward
@@ -223,6 +224,7 @@ def setup(cfg: TrainConfig, accelerator, instances, resume_from: tuple, pipe=Non
         cfg.resolution = family.default_resolution(pipe)
         if main:
             tqdm.write(f"Resolution: {cfg.resolution} px, the base's own (sample size x VAE factor); change with --resolution N")
+    check_steps(pipe, cfg.num_inference_steps)  # class images and samples: refused before anything trains
     freeze_and_place(cfg, pipe, device, weight_dtype)
     with class_generation_precision(cfg, pipe, accelerator, weight_dtype) as autocast:
         classes = class_images(cfg, accelerator, pipe, autocast, resume_from[1])  # from the base model, before any adapter

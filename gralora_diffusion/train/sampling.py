@@ -40,7 +40,9 @@ def generate_images(pipeline, prompts: list[str], generators: list, resolution: 
         return kwargs
 
     from ..bases import family_of_pipeline
+    from ..schedulers import check_steps
 
+    check_steps(pipeline, steps)
     family = family_of_pipeline(pipeline)
     manual_decode = family is None or family.decode_outside_autocast
     with torch.random.fork_rng(devices=[]), torch.no_grad():
