@@ -137,17 +137,19 @@ def save_model_card(
     license: str = "openrail++",
     training: dict | None = None,
     grid: str | None = None,
+    family: str | None = None,
 ) -> Path:
     """Write `folder/README.md`: Hub YAML front matter (base_model, library_name: diffusers, license,
     tags, instance_prompt, widget) and a body (load with `load_gralora_weights`, export to LoRA,
     adapter and training settings, sample grid). Unset fields come from the adapter file's header
-    (`base_model`, `instance_prompt`, `training`) and the images found in the folder."""
+    (`base_model`, `instance_prompt`, `training`, the family) and the images found in the folder; `family`
+    names the base's family where the file does not (a diffusers LoRA file records none)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
     source, kind = adapter_in(folder)
     info = adapter_info(source)
-    family = get_family(info.get("family") or DEFAULT_FAMILY)
+    family = get_family(family or info.get("family") or DEFAULT_FAMILY)
     if kind == "gralora":
         adapter = read_adapter_file(source)
         base_model = base_model or adapter.base_model
@@ -181,7 +183,7 @@ def save_model_card(
         body = _card_body(name, where, base_model, instance_prompt, grid, _adapter_rows(info), training,
                           info["components"].get(family.denoiser, {}).get("k", "k"), family)
     else:
-        body = _lora_card_body(name, where, base_model, instance_prompt, grid, info, training)
+        body = _lora_card_body(name, where, base_model, instance_prompt, grid, info, training, family)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = folder / CARD_NAME
     atomic_write(path, lambda tmp: card.save(tmp))
@@ -205,18 +207,12 @@ def _adapter_rows(info: dict) -> dict:
 
 
 def _card_body(name, where, base_model, instance_prompt, grid, adapter_rows: dict, training, k, family) -> str:
-    """The card's Markdown below the front matter."""
+    """The GraLoRA card's Markdown below the front matter."""
     from .bases import scale_kwargs
 
-    prompt = instance_prompt or "a photo"
-    base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
-    pipeline_class = family.pipeline_class_name
+    base, pipeline_class, dtype, py_base, py_where, py_prompt = _usage_values(where, base_model, instance_prompt, family)
     scale_kwarg = next(iter(scale_kwargs(family.pipeline_class, 1.0)))
-    dtype = "float16" if family.denoiser == "unet" else "bfloat16"  # the DiTs are published and run in bf16
-    # Any prompt or path makes valid code: json.dumps is a valid Python string literal; shlex.quote for the shell.
-    py_base, py_where, py_prompt, sh_where = json.dumps(base), json.dumps(where), json.dumps(prompt), shlex.quote(where)
-    # Any prompt, id or path is shown as literal text (md): no link, image or HTML can come from it.
-    trigger = f" Trigger prompt: {md(instance_prompt)}." if instance_prompt else ""
+    sh_where = shlex.quote(where)
     py_code = f"""import torch
 from diffusers import {pipeline_class}
 import gralora_diffusion as gd
@@ -228,66 +224,55 @@ image = pipe(prompt={py_prompt}, {scale_kwarg}={{"scale": 1.0}}).images[0]"""
     sh_code = f"""gralora-diffusion export-lora {sh_where} lora.safetensors                    # diffusers keys, exact
 gralora-diffusion export-lora {sh_where} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys, exact
 gralora-diffusion export-lora {sh_where} lora_r16.safetensors --svd_rank 16      # smaller, SVD-truncated"""
-    py_fence, sh_fence = _fence(py_code), _fence(sh_code)
-    parts = [f"""
-# {md(name)}
-
-A [GraLoRA](https://arxiv.org/abs/2505.20355) adapter for {md(base)}, made with gralora-diffusion.{trigger}
+    intro = f"""A [GraLoRA](https://arxiv.org/abs/2505.20355) adapter for {md(base)}, made with gralora-diffusion.{_trigger(instance_prompt)}
 GraLoRA splits each adapted weight into a {k}×{k} grid of blocks, each with its own low-rank adapter:
-the parameters of LoRA rank r, an update of rank up to k·r.
-"""]
-    if grid:  # a path the card generator chose (samples/...), percent-encoded: never markup
-        parts.append(f"\n![samples]({urllib.parse.quote(Path(grid).as_posix())})\n")
-    parts.append(f"""
-## Use with diffusers
-
-{py_fence}python
-{py_code}
-{py_fence}
-
-## Export to plain LoRA (ComfyUI, A1111, stock diffusers)
-
-A GraLoRA update is exactly a LoRA of rank k·r + hybrid_r, so this export loses nothing:
-
-{sh_fence}bash
-{sh_code}
-{sh_fence}
-
-Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include_lora_export`), stock
-diffusers loads it directly with `pipe.load_lora_weights(...)` and the repository id above.
-
-## Adapter
-
-{_table(adapter_rows)}
-""")
-    if training:
-        parts.append(f"\n## Training settings\n\n{_table(training)}\n")
-    return "".join(parts)
+the parameters of LoRA rank r, an update of rank up to k·r."""
+    export = ("Export to plain LoRA (ComfyUI, A1111, stock diffusers)",
+              "A GraLoRA update is exactly a LoRA of rank k·r + hybrid_r, so this export loses nothing:", sh_code,
+              f"""Where the repository holds `{DIFFUSERS_WEIGHT_NAME}` (pushed with `--include_lora_export`), stock
+diffusers loads it directly with `pipe.load_lora_weights(...)` and the repository id above.""")
+    return _card_sections(name, intro, grid, py_code, export, adapter_rows, training)
 
 
-def _lora_card_body(name, where, base_model, instance_prompt, grid, info: dict, training) -> str:
-    """The card of the `--adapter lora` baseline: a plain diffusers LoRA, loaded by stock diffusers.
-    User text goes in as `_card_body` puts it: code through json.dumps/shlex.quote, prose through md."""
-    base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
-    py_base, py_where, py_prompt = json.dumps(base), json.dumps(where), json.dumps(instance_prompt or "a photo")
-    trigger = f" Trigger prompt: {md(instance_prompt)}." if instance_prompt else ""
+def _lora_card_body(name, where, base_model, instance_prompt, grid, info: dict, training, family) -> str:
+    """The card of the `--adapter lora` baseline: a plain diffusers LoRA, loaded by stock diffusers."""
+    base, pipeline_class, dtype, py_base, py_where, py_prompt = _usage_values(where, base_model, instance_prompt, family)
     rows = {f"{c} (r / alpha)": f"{v['rank']} / {v['alpha']}" for c, v in info["components"].items()}
     rows.update({"targets": json.dumps({c: v["targets"] for c, v in info["components"].items()}),
                  "parameters": f"{info['params']:,}",
                  "file": f"{DIFFUSERS_WEIGHT_NAME} ({format_size(info['file_size'])}, {info['dtype']})"})
     py_code = f"""import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import {pipeline_class}
 
-pipe = StableDiffusionXLPipeline.from_pretrained({py_base}, torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_class}.from_pretrained({py_base}, torch_dtype=torch.{dtype}).to("cuda")
 pipe.load_lora_weights({py_where})
 image = pipe({py_prompt}).images[0]"""
     sh_code = f"gralora-diffusion export-lora {shlex.quote(where)} lora_kohya.safetensors --format kohya   # ComfyUI / A1111 keys"
-    py_fence, sh_fence = _fence(py_code), _fence(sh_code)
-    parts = [f"""
-# {md(name)}
+    intro = (f"A LoRA adapter for {md(base)} (the LoRA baseline of gralora-diffusion's trainer, "
+             f"`--adapter lora`).{_trigger(instance_prompt)}")
+    return _card_sections(name, intro, grid, py_code, ("Kohya keys (ComfyUI, A1111)", "", sh_code, ""), rows, training)
 
-A LoRA adapter for {md(base)} (the LoRA baseline of gralora-diffusion's trainer, `--adapter lora`).{trigger}
-"""]
+
+def _usage_values(where, base_model, instance_prompt, family) -> tuple:
+    """What a card's usage code names: the base, the family's pipeline class and dtype, and the base, adapter
+    and prompt as Python string literals (json.dumps: any text makes valid code)."""
+    base = base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    dtype = "float16" if family.denoiser == "unet" else "bfloat16"  # the DiTs are published and run in bf16
+    return (base, family.pipeline_class_name, dtype, json.dumps(base), json.dumps(where),
+            json.dumps(instance_prompt or "a photo"))
+
+
+def _trigger(instance_prompt) -> str:
+    # Any prompt, id or path is shown as literal text (md): no link, image or HTML can come from it.
+    return f" Trigger prompt: {md(instance_prompt)}." if instance_prompt else ""
+
+
+def _card_sections(name, intro: str, grid, py_code: str, export: tuple, rows: dict, training) -> str:
+    """Every card's skeleton: title and intro, the sample grid, use with diffusers, an export section
+    (title, text before, shell code, text after), the adapter table and the training settings."""
+    title, before, sh_code, after = export
+    py_fence, sh_fence = _fence(py_code), _fence(sh_code)
+    parts = [f"\n# {md(name)}\n\n{intro}\n"]
     if grid:  # a path the card generator chose (samples/...), percent-encoded: never markup
         parts.append(f"\n![samples]({urllib.parse.quote(Path(grid).as_posix())})\n")
     parts.append(f"""
@@ -297,12 +282,12 @@ A LoRA adapter for {md(base)} (the LoRA baseline of gralora-diffusion's trainer,
 {py_code}
 {py_fence}
 
-## Kohya keys (ComfyUI, A1111)
+## {title}
 
-{sh_fence}bash
+{before + chr(10) + chr(10) if before else ""}{sh_fence}bash
 {sh_code}
 {sh_fence}
-
+{chr(10) + after + chr(10) if after else ""}
 ## Adapter
 
 {_table(rows)}

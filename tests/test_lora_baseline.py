@@ -91,3 +91,18 @@ def test_a_dora_baseline_trains_and_is_not_exported_as_plain_lora(tmp_path, caps
     assert any("lora_magnitude_vector" in name for name, _ in result.components["unet"].named_parameters())
     assert cli_main(["export-lora", str(out), str(tmp_path / "x.safetensors"), "--format", "kohya"]) == 2
     assert "DoRA" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_baseline_card_names_its_familys_pipeline(tmp_path):
+    """A LoRA baseline trained on a FLUX base: its card loads it with FluxPipeline in bf16, not SDXL's pipeline."""
+    from gralora_diffusion.hub import save_model_card
+
+    cfg = TrainConfig(pretrained_model_name_or_path="tiny", family="flux", instance_data_dir=str(SAMPLES), instance_prompt=PROMPT,
+                      output_dir=str(tmp_path / "flux"), resolution=64, train_batch_size=1, max_train_steps=1, adapter="lora",
+                      rank=4, seed=0, report_to="none")
+    train(cfg)
+    card = (tmp_path / "flux" / "README.md").read_text()  # the trainer's card
+    assert "from diffusers import FluxPipeline" in card and "torch.bfloat16" in card and "pipe.load_lora_weights" in card
+    assert "StableDiffusionXLPipeline" not in card and "float16)" not in card.replace("bfloat16)", "")
+    again = save_model_card(tmp_path / "flux", family="flux").read_text()  # rewritten by hand: the family is given
+    assert "from diffusers import FluxPipeline" in again

@@ -521,7 +521,7 @@ def finish(run: Run) -> TrainResult:
             best = run.best.best
             run.say(f"Best step by {run.best.metric}: {best['step']} ({best['score']:.4f}); its adapter and every "
                     f"validation's score: {run.out / BEST_FOLDER}")
-        share(run.cfg, run.out, grid, images, run.say, run.history)
+        share(run.cfg, run.out, grid, images, run.say, run.history, family=run.family.name)
     run.accelerator.wait_for_everyone()
     best = run.best.to_dict() if run.best is not None else None
     return TrainResult(run.out, weights_path, run.global_step, run.losses, run.components, run.pipe, grid, best)

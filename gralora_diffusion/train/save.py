@@ -81,7 +81,7 @@ def save_config(cfg, output_dir: Path, history: list[dict] | None = None) -> Pat
     return path
 
 
-def share(cfg, out: Path, grid: Path | None, images: list[Path], say, history=None) -> None:
+def share(cfg, out: Path, grid: Path | None, images: list[Path], say, history=None, family: str | None = None) -> None:
     """The model card (README.md) beside the adapter, then the push with --push_to_hub."""
     from ..hub import push_to_hub, save_model_card
 
@@ -90,7 +90,7 @@ def share(cfg, out: Path, grid: Path | None, images: list[Path], say, history=No
     card = save_model_card(out, repo_id=cfg.hub_model_id, base_model=cfg.pretrained_model_name_or_path,
                            instance_prompt=cfg.instance_prompt, images=rel + ([str(grid.relative_to(out))] if grid else []),
                            prompts=prompts or None, training=training_summary(cfg, history),
-                           grid=str(grid.relative_to(out)) if grid else None)
+                           grid=str(grid.relative_to(out)) if grid else None, family=family)
     say(f"Wrote the model card {card}")
     if cfg.push_to_hub:
         repo_id = cfg.hub_repo_id
