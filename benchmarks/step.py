@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gralora_diffusion.flags import FlagParser
+
 BASE = {"adapter": "gralora", "cache_latents": False, "cache_text_embeddings": False, "gradient_checkpointing": False}
 VARIANTS = {
     "gralora": {},
@@ -173,7 +175,7 @@ def _table(stats: dict, compiled: bool, table) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(PRECISION))

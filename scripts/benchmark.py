@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks/` sits beside scripts/, outside the package
 from benchmarks import BENCHMARKS  # noqa: E402
 from benchmarks.common import DTYPES  # noqa: E402
+from gralora_diffusion.flags import FlagParser  # noqa: E402  (snake_case flags with kebab-case aliases)
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=BENCHMARKS)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))

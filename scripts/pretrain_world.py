@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from gralora_diffusion.flags import FlagParser
+
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["vae", "decoder", "unet", "evaluator", "export", "measure"])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--steps", type=int, default=None)

@@ -39,3 +39,8 @@ def test_layer_quick_writes_json(tmp_path):
         for key in ("ours_vs_peft_gralora", "ours_vs_lora", "branch_ours_vs_peft_gralora", "branch_ours_vs_lora"):
             assert row[key]["median"] > 0
         assert row["saved_mb"]["ours"] <= row["saved_mb"]["peft_gralora"]
+
+
+def test_the_scripts_take_kebab_case_flags_like_the_cli():
+    args = load_script().parse(["step", "--mixed-precision", "bf16", "--torch-compile", "--size-gib", "0.5"])
+    assert args.mixed_precision == "bf16" and args.torch_compile and args.size_gib == 0.5
