@@ -104,8 +104,10 @@ def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_varia
                 raise TrainConfigError(f"--variants {variant.spec} on {task.name}: {err}") from None
         plan.append((task, tcfg, runs))
     with quiet_libraries():
-        pipe, _ = load_base(base, cfg.family)
+        pipe, _ = load_base(base, cfg.family, quantize_base=cfg.quantize_base)
     evals = [int(s) for s in eval_seeds]
+    # one Evaluation for every subject (its `others` holds each other quantization's base, loaded once)
+    shared = Evaluation(pipe, [], [], evals, cfg.num_inference_steps, guidance, cfg.resolution, base, cfg.quantize_base, cfg.family)
     images = sum(len(t.all_prompts) * len(evals) * (len(runs) + 1) for t, _, runs in plan)
     bar = tqdm(total=sum(len(runs) * estimated_steps(tcfg) for _, tcfg, runs in plan) + images, desc=benchmark.name,
                unit="step", disable=not progress)
@@ -119,7 +121,7 @@ def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_varia
 
     try:
         for task, tcfg, runs in plan:
-            ev = Evaluation(pipe, [task.make_scorer(None)], task.all_prompts, evals, cfg.num_inference_steps, guidance, cfg.resolution)
+            ev = dataclasses.replace(shared, scorers=[task.make_scorer(None)], prompts=task.all_prompts)
             base_record = run_base(out / task.name, base, ev, bar)
             base_entries.append({"subject": task.name, "metrics": base_record["metrics"]})
             reference = base_images(task, out / task.name / "base", len(evals))

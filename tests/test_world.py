@@ -71,7 +71,8 @@ def test_make_tiny_world_and_generate_base_world(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_learns_the_teapot(tmp_path, capsys):
-    """The quickstart path on the world model: subject fidelity rises clearly, outputs where they were."""
+    """The README's main command on the world model: subject fidelity rises clearly, outputs where they
+    were, and it says where they are and what to run next. (The console script itself runs in test_wheel.)"""
     from gralora_diffusion.cli import main
 
     assert main(["quickstart", "--output_dir", str(tmp_path)]) == 0
@@ -79,6 +80,9 @@ def test_quickstart_learns_the_teapot(tmp_path, capsys):
     before, after = map(float, re.search(r"subject fidelity .*: ([0-9.]+) -> ([0-9.]+)", out).groups())
     assert after > before + 0.05, out
     assert (tmp_path / "pytorch_gralora_weights.safetensors").is_file() and (tmp_path / "before_after.png").is_file()
+    assert (tmp_path / "samples" / "final-grid.png").is_file()
+    assert not (tmp_path / "tiny-sdxl").exists()  # the trainer takes `world` itself: nothing saved just to pass a folder
+    assert "Next:" in out and "pytorch_gralora_weights.safetensors" in out  # where the files are, what to run next
 
 
 def test_world_scorer_reads_what_each_prompt_asks_for():

@@ -144,3 +144,30 @@ def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch):
     assert changed_settings(saved, TrainConfig(instance_data_dir="other", pretrained_model_name_or_path="world")) == ["instance_data_dir"]
     assert changed_settings(saved, TrainConfig(instance_data_dir="study/subjects/ball",
                                                pretrained_model_name_or_path="tiny")) == ["pretrained_model_name_or_path"]
+
+
+def test_a_variant_with_its_own_quantized_base_is_scored_on_that_base(tmp_path, capsys, monkeypatch):
+    """`--benchmark` with `quantize_base=int8` in one variant: it trains over an int8 base and is scored on
+    the base quantized the same way, loaded once for every subject; the base images stay unquantized."""
+    import gralora_diffusion.bases as bases
+
+    loads, real = [], bases.load_base
+
+    def counting(*args, **kwargs):
+        loads.append(kwargs.get("quantize_base", "none"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bases, "load_base", counting)
+    out = tmp_path / "bench"
+    argv = ["compare", "--benchmark", "world-bench", "--subjects", "2", "--max_train_steps", "1", "--checkpointing_steps", "1",
+            "--num_inference_steps", "2", "--eval_seeds", "0", "--output_dir", str(out), "--num_threads", "1",
+            "--variants", "gralora:r=4,k=2", "gralora:r=4,k=2,quantize_base=int8"]
+    assert cli_main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in results["variants"]] == ["gralora_r4_k2", "gralora_r4_k2_qint8"] and len(results["runs"]) == 4
+    # two trainings over int8 (the trainer loads its own base) and one int8 base scoring both subjects
+    assert loads.count("int8") == 3 and loads[0] == "none"
+    from gralora_diffusion.compare import read_record
+
+    record = read_record(out / SUBJECTS[0].name / "gralora_r4_k2_qint8" / "seed0")
+    assert record["config"]["quantize_base"] == "int8"
