@@ -26,6 +26,7 @@ from .bases import DEFAULT_FAMILY, get_family
 from .errors import AdapterFileError, HubError
 from .export import export_lora, format_size
 from .info import adapter_info
+from .recorded_base import hub_id
 
 TAGS = ["gralora", "text-to-image", "diffusers", "template:sd-lora"]  # and the family's model tag (FAMILY_TAGS)
 LORA_TAGS = ["lora", "gralora-diffusion", "text-to-image", "diffusers", "template:sd-lora"]  # and the family's tag
@@ -150,14 +151,20 @@ def save_model_card(
     source, kind = adapter_in(folder)
     info = adapter_info(source)
     family = get_family(family or info.get("family") or DEFAULT_FAMILY)
+    recorded_id = None  # the Hub id the trainer found for a local base (a folder in the HF cache)
     if kind == "gralora":
         adapter = read_adapter_file(source)
         base_model = base_model or adapter.base_model
+        recorded_id = adapter.metadata.get("base_model_hub_id")
         instance_prompt = instance_prompt or adapter.metadata.get("instance_prompt")
         if training is None and adapter.metadata.get("training"):
             training = json.loads(adapter.metadata["training"])
     else:
         base_model = base_model or info["base_model"]
+    # the card's base_model is a Hub model id or nothing, never a local path, `tiny` or `world`; the text and
+    # code name the id when there is one, else the base as recorded
+    base_id = hub_id(base_model) or recorded_id
+    base_model = base_id or base_model
     images = _sample_images(folder) if images is None else [Path(i).as_posix() for i in images]
     if grid is None:
         grid = next((i for i in images if "grid" in Path(i).name), None)
@@ -172,7 +179,7 @@ def save_model_card(
     where = repo_id or str(folder)
 
     data = ModelCardData(
-        base_model=base_model,
+        base_model=base_id,
         library_name="diffusers",
         license=license,
         tags=[*(TAGS if kind == "gralora" else LORA_TAGS)[:-2], FAMILY_TAGS.get(family.name, family.name), *TAGS[-2:]],

@@ -1,6 +1,7 @@
 """Bases remembered: what an adapter records as its base, and the base a command uses when no --base is
 given. A local folder is recorded as its absolute path (a relative one found nothing from another
-folder); `tiny`, `world` and Hub ids as given."""
+folder); `tiny`, `world` and Hub ids as given. `hub_id` names the Hub model a base stands for, which a
+model card's `base_model` must be (a local path or `tiny` is no model id)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,33 @@ def record(spec) -> str | None:
     spec = str(spec)
     path = Path(spec).expanduser()
     return str(path.resolve()) if spec not in embedded_names() and path.exists() else spec
+
+
+def hub_id(spec) -> str | None:
+    """The Hub model id a base stands for: a Hub id as given; a local folder or file inside the Hugging
+    Face cache (`models--org--name/snapshots/<revision>/...`) by its cache folder's name (a repo id never
+    holds `--`, so the name maps back exactly); None for `tiny`, `world` and any other local path."""
+    if spec is None:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .bases import embedded_names
+
+    spec = str(spec)
+    if spec in embedded_names():
+        return None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        try:
+            validate_repo_id(spec)
+        except HFValidationError:
+            return None
+        return spec
+    path = path.absolute()  # not resolve(): the cache's files are links into blobs/
+    for folder in path.parents:
+        if folder.name == "snapshots" and folder.parent.name.startswith("models--"):
+            return folder.parent.name[len("models--"):].replace("--", "/")
+    return None
 
 
 def recorded_base(source) -> str | None:

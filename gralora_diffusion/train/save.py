@@ -50,10 +50,12 @@ def save_final_adapter(cfg, components: dict, output_dir: Path, history: list[di
     state_dicts = {c: {k: cast(v, f"{c}.{k}") for k, v in sd.items()} for c, sd in state_dicts.items()}
     metadata = {"instance_prompt": cfg.instance_prompt or "", "training": json.dumps(training_summary(cfg, history)),
                 "family": family.name}
-    from ..recorded_base import record
+    from ..recorded_base import hub_id, record
 
-    return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=record(cfg.pretrained_model_name_or_path),
-                             metadata=metadata)
+    base, base_id = record(cfg.pretrained_model_name_or_path), hub_id(cfg.pretrained_model_name_or_path)
+    if base_id and base_id != base:  # a local folder of the HF cache: its path finds it here, its id on the Hub
+        metadata["base_model_hub_id"] = base_id
+    return save_adapter_file(output_dir / WEIGHT_NAME, state_dicts, configs, base_model=base, metadata=metadata)
 
 
 def training_summary(cfg, history: list[dict] | None = None) -> dict:
