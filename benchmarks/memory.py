@@ -15,7 +15,7 @@ each weight steps as its gradient completes and drops it). CPU: 256 px, peak RSS
 load / forward / backward), each child with a fixed glibc mmap threshold (see `_child`) and shards read
 without mmap. CUDA (`--device cuda`): 1024 px, peak CUDA memory allocated.
 
-    python scripts/benchmark.py memory [--threads 1] [--device cuda] [--json out.json] [--quick]
+    python scripts/benchmark.py memory [--threads 1] [--device cuda] [--optimizer adamw|adamw8bit] [--json out.json] [--quick]
 """
 
 from __future__ import annotations
@@ -60,16 +60,19 @@ def build(folder: str, quick: bool) -> None:
     unet.save_pretrained(folder, max_shard_size="200MB")
 
 
-def step(folder: str, mode: str, device: str, resolution: int, quick: bool, fused: bool = False) -> dict:
+def step(folder: str, mode: str, device: str, resolution: int, quick: bool, fused: bool = False, optimizer_name: str = "adamw") -> dict:
     """Load the saved UNet with `mode`'s quantization, add GraLoRA, run one training step; the numbers.
-    `fused`: the AdamW step runs inside backward, one weight at a time (train --fused_backward_pass)."""
+    `fused`: the AdamW step runs inside backward, one weight at a time (train --fused_backward_pass);
+    `optimizer_name`: the trainer's --optimizer (adamw8bit: bitsandbytes' 8-bit AdamW, --use_8bit_adam)."""
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
 
     from gralora_diffusion.inject import add_gralora
     from gralora_diffusion.quantize import check_quantize_base, load_quantized_model, pipeline_quantization, weight_bytes
+    from gralora_diffusion.train import TrainConfig
     from gralora_diffusion.train.fused_backward import fuse_optimizer_into_backward
+    from gralora_diffusion.train.model import make_optimizer
 
     try:
         check_quantize_base(mode, "--quantize_base", device=device)
@@ -91,7 +94,7 @@ def step(folder: str, mode: str, device: str, resolution: int, quick: bool, fuse
     unet.enable_gradient_checkpointing()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = make_optimizer(TrainConfig(optimizer=optimizer_name), [{"params": params, "lr": 1e-4}])  # the trainer's rule
     if fused:
         fuse_optimizer_into_backward(optimizer)
     g = torch.Generator().manual_seed(0)
@@ -114,7 +117,7 @@ def step(folder: str, mode: str, device: str, resolution: int, quick: bool, fuse
     optimizer.step()  # nothing left to do when fused: every weight stepped in backward and dropped its gradient
     optimizer.zero_grad(set_to_none=True)
     step_s = time.perf_counter() - start
-    record = {"mode": mode, "fused_backward": fused, "base_weight_bytes": base_bytes, "adapter_params": sum(p.numel() for p in params),
+    record = {"mode": mode, "fused_backward": fused, "optimizer": optimizer_name, "base_weight_bytes": base_bytes, "adapter_params": sum(p.numel() for p in params),
               "load_s": round(load_s, 1), "step_s": round(step_s, 1), "loss": float(loss), "peak_after": stages,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.startswith("cuda"):
@@ -156,14 +159,16 @@ def run(args) -> dict:
         built = _child(["build", folder, *quick, *threads])
         if "error" in built:
             raise SystemExit(f"memory: building the UNet failed: {built['error']}")
+        fusing = (False, True) if args.optimizer == "adamw" else (False,)  # the trainer fuses AdamW only
         rows = [{"mode": m, "fused_backward": fused,
-                 **_child(["step", folder, m, device, str(resolution), *quick, *threads, *(["--fused_backward_pass"] if fused else [])])}
-                for fused in (False, True) for m in MODES]
+                 **_child(["step", folder, m, device, str(resolution), *quick, *threads, "--optimizer", args.optimizer,
+                           *(["--fused_backward_pass"] if fused else [])])}
+                for fused in fusing for m in MODES]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     peak_key = "peak_cuda_bytes" if device.startswith("cuda") else "peak_rss_bytes"
     print(f"\nOne GraLoRA r32 k2 (attn) training step, SDXL UNet {'(quick: a small UNet) ' if args.quick else ''}"
-          f"at {resolution} px batch 1, gradient checkpointing, bf16 autocast, on {device}; {peak_key}. AdamW step after "
+          f"at {resolution} px batch 1, gradient checkpointing, bf16 autocast, on {device}; {peak_key}. {args.optimizer} step after "
           "backward (plain) or inside it, one weight at a time (fused: train --fused_backward_pass); x bf16: against the "
           "bf16 base with the same step")
     print(f"{'base':6} {'step':6} {'peak GiB':>9} {'x bf16':>7} {'base GiB':>9} {'x bf16':>7} {'step s':>7}")
@@ -178,7 +183,8 @@ def run(args) -> dict:
             r["base_bytes_ratio"] = r["base_weight_bytes"] / base["base_weight_bytes"]
         print(f"{r['mode']:6} {kind:6} {r[peak_key] / 2**30:9.2f} {r.get('peak_ratio', float('nan')):7.2f} "
               f"{r['base_weight_bytes'] / 2**30:9.2f} {r.get('base_bytes_ratio', float('nan')):7.2f} {r['step_s']:7.1f}")
-    return {"benchmark": "memory", "device": device, "resolution": resolution, "quick": bool(args.quick), "rows": rows}
+    return {"benchmark": "memory", "device": device, "resolution": resolution, "quick": bool(args.quick), "optimizer": args.optimizer,
+            "rows": rows}
 
 
 def main(argv: list[str]) -> None:
@@ -190,12 +196,17 @@ def main(argv: list[str]) -> None:
         del argv[i:i + 2]
     quick, fused = "--quick" in argv, "--fused_backward_pass" in argv
     argv = [a for a in argv if a not in ("--quick", "--fused_backward_pass")]
+    optimizer_name = "adamw"
+    if "--optimizer" in argv:
+        i = argv.index("--optimizer")
+        optimizer_name = argv[i + 1]
+        del argv[i:i + 2]
     if argv[0] == "build":
         build(argv[1], quick)
         print(json.dumps({"built": argv[1]}))
     else:
         _, folder, mode, device, resolution = argv
-        print(json.dumps(step(folder, mode, device, int(resolution), quick, fused)))
+        print(json.dumps(step(folder, mode, device, int(resolution), quick, fused, optimizer_name)))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile_backend", help="serving: torch.compile backend (default: eager on CPU, inductor on CUDA)")
     parser.add_argument("--resolution", type=int, help="step: training resolution (default 128; --quick 64; the quickstart trains at 64)")
     parser.add_argument("--batch", type=int, help="step: train batch size (default 2; --quick 1; the quickstart trains at 2)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+                        help="memory: the step's optimizer, as train --optimizer (adamw8bit: bitsandbytes' 8-bit AdamW)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: this process's CPU time, for a CPU shared with other work (use with --threads 1)")
     return parser.parse_args(argv)
