@@ -33,6 +33,7 @@ import torch
 from .constants import DEFAULT_VARIANTS  # noqa: F401  (re-exported: this module's public names)
 from .compare_report import BASE_FOLDER, EVAL_FOLDER, load_images
 from .errors import GraloraConfigError, TrainConfigError
+from .recorded_base import record
 from .train.config import TrainConfig
 
 ALIASES = {"r": "rank", "k": "gralora_k", "lr": "learning_rate"}
@@ -113,23 +114,21 @@ PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_
 
 
 def comparable(cfg: TrainConfig) -> dict:
-    """What must match for a finished run to count (JSON-normalised, existing local paths resolved)."""
-    return json.loads(json.dumps({k: where(v) if k in PATH_SETTINGS else v
-                                  for k, v in cfg.to_dict().items() if k not in NOT_SHAPING}))
+    """What must match for a finished run to count (JSON-normalised, local paths as adapters record them)."""
+    return json.loads(json.dumps({k: where(k, v) for k, v in cfg.to_dict().items() if k not in NOT_SHAPING}))
 
 
-def where(value):
-    """An existing local path as its absolute real path; anything else (a Hub id, None, a missing path) unchanged."""
-    if isinstance(value, str) and value and Path(value).expanduser().exists():
-        return str(Path(value).expanduser().resolve())
-    return value
+def where(key: str, value):
+    """A path setting's existing local path as its absolute real path (recorded_base.record, the rule an
+    adapter's base follows); a Hub id, tiny/world, None or a missing path unchanged."""
+    return record(value) if key in PATH_SETTINGS and value else value
 
 
 def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
     """The settings in which a run recorded as `saved` differs from `cfg`. A setting the record lacks
     (added by a later version) counts as its default, so an upgrade keeps finished runs."""
     now, defaults, saved = comparable(cfg), comparable(TrainConfig()), saved or {}
-    saved = {k: where(v) if k in PATH_SETTINGS else v for k, v in saved.items()}  # records of older versions kept the spelling
+    saved = {k: where(k, v) for k, v in saved.items()}  # records of older versions kept the spelling
     return sorted(k for k, v in now.items() if saved.get(k, defaults.get(k)) != v)
 
 
