@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import GraloraConfigError, TrainConfigError
+from .errors import GraloraConfigError
 
 BENCHMARKS = ("world-bench", "dreambench")
 UNRELATED = "unrelated"  # the prompt role whose base and adapted images give the drift
@@ -79,7 +79,7 @@ def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_varia
 
     from .benchmark_report import BenchmarkReport, run_entry
     from .bases import load_base
-    from .compare import Evaluation, estimated_steps, parse_variants, run_base, run_config, run_one
+    from .compare import Evaluation, estimated_steps, parse_variants, planned_runs, run_base, run_one
     from .metrics import quiet_libraries
 
     variants, base = parse_variants(variants), cfg.pretrained_model_name_or_path
@@ -96,13 +96,7 @@ def run_benchmark(cfg, benchmark: Benchmark, variants: Sequence, seeds_per_varia
     for task in benchmark.tasks:
         tcfg = dataclasses.replace(cfg, instance_data_dir=str(task.instance_data_dir), instance_prompt=task.instance_prompt,
                                    output_dir=str(out / task.name))
-        runs = [(v, run_config(tcfg, v, s)) for v in variants for s in seeds]
-        for variant, rcfg in runs:  # every run's settings, before any model loads
-            try:
-                rcfg.validate()
-            except TrainConfigError as err:
-                raise TrainConfigError(f"--variants {variant.spec} on {task.name}: {err}") from None
-        plan.append((task, tcfg, runs))
+        plan.append((task, tcfg, planned_runs(tcfg, variants, seeds, f" on {task.name}")))
     with quiet_libraries():
         pipe, _ = load_base(base, cfg.family, quantize_base=cfg.quantize_base)
     evals = [int(s) for s in eval_seeds]

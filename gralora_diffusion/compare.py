@@ -107,6 +107,18 @@ def run_config(cfg: TrainConfig, variant: Variant, seed: int) -> TrainConfig:
                                overwrite_output_dir=True, push_to_hub=False)  # compare owns its run folders
 
 
+def planned_runs(cfg: TrainConfig, variants, seeds, where: str = "") -> list[tuple[Variant, TrainConfig]]:
+    """Every (variant, seed) run's config, each validated before any model loads; an error names the
+    variant (and `where`, e.g. a benchmark's subject)."""
+    runs = [(v, run_config(cfg, v, s)) for v in variants for s in seeds]
+    for variant, rcfg in runs:
+        try:
+            rcfg.validate()
+        except TrainConfigError as err:
+            raise TrainConfigError(f"--variants {variant.spec}{where}: {err}") from None
+    return runs
+
+
 # Settings that may name a local file or folder: compared by where they point, so `study/r8/subjects/x`
 # run from /tmp and `/tmp/study/r8/subjects/x` are the same run.
 PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir", "dataset_name",
@@ -383,12 +395,7 @@ def compare(cfg: TrainConfig, variants: Sequence = DEFAULT_VARIANTS, seeds_per_v
         limited("eval_seeds", seed)
     first = 0 if cfg.seed is None else cfg.seed
     seeds = list(range(first, first + seeds_per_variant))
-    runs = [(v, run_config(cfg, v, s)) for v in variants for s in seeds]
-    for variant, rcfg in runs:  # every variant's settings, before any model loads
-        try:
-            rcfg.validate()
-        except TrainConfigError as err:
-            raise TrainConfigError(f"--variants {variant.spec}: {err}") from None
+    runs = planned_runs(cfg, variants, seeds)
     claim_folder(cfg.output_dir, "compare", protected=[(cfg.instance_data_dir, "instance images"),
                                                        (cfg.class_data_dir, "class images")], own=re.compile(r"grid\.png"))
     subject = subject_of(cfg.instance_prompt)
