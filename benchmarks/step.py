@@ -30,10 +30,12 @@ VARIANTS = {
     "lora (same rank)": {"adapter": "lora"},
     "gralora + caching": {"cache_latents": True, "cache_text_embeddings": True},
     "gralora + grad checkpointing": {"gradient_checkpointing": True},
+    "gralora + fused backward": {"fused_backward_pass": True},
 }
 COMPILED = {"gralora": {}, "lora (same rank)": {"adapter": "lora"}, "gralora compiled": {"torch_compile": True},
             "lora compiled": {"adapter": "lora", "torch_compile": True}}
 COMPARISONS = [("gralora", "lora (same rank)"), ("gralora", "gralora + caching"), ("gralora + grad checkpointing", "gralora"),
+               ("gralora + fused backward", "gralora"),
                ("gralora compiled", "gralora"), ("lora compiled", "lora (same rank)"), ("gralora compiled", "lora compiled")]
 PRECISION = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
 WARMUP = 3

@@ -47,8 +47,8 @@ def fuse_optimizer_into_backward(optimizer, max_grad_norm: float = 0.0) -> list:
             alone = type(optimizer)([weight])  # its hyperparameters are the group's, copied at each step
 
             def step(w, alone=alone, index=index):
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([w], max_grad_norm)
+                if max_grad_norm:  # clip_grad_norm_([w], max_grad_norm)'s arithmetic, without its list machinery (3x the time)
+                    w.grad.mul_(torch.clamp(max_grad_norm / (torch.linalg.vector_norm(w.grad, 2) + 1e-6), max=1.0))
                 # read at every step: load_state_dict (a resume) gives the optimizer new state and group dicts
                 alone.state = optimizer.state
                 alone.param_groups[0].update({k: v for k, v in optimizer.param_groups[index].items() if k != "params"})
